@@ -1,0 +1,3 @@
+from maecli.cli import app
+
+app(prog_name="maecli")

@@ -1,0 +1,293 @@
+"""The project file `maecli.toml`: pydantic models, loading, `--set` overrides and error text.
+
+One section per stage. Relative paths resolve against the folder of the project file. Every problem
+is reported at once, one line each, as `maecli.toml: model.mask_ratio: must be less than 1 (got 1.5)`.
+"""
+
+import difflib
+import json
+import os
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from maecli.errors import ConfigError
+
+CONFIG_NAME = "maecli.toml"
+
+# Encoder sizes of the official ViT / MAE models; any field set explicitly in [model] wins.
+PRESETS: dict[str, dict[str, int]] = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+PresetName = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"]
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the project file's folder (passed as validation context)."""
+    root = (info.context or {}).get("root")
+    if root is None or value.is_absolute():
+        return value
+    return Path(os.path.normpath(Path(root) / value))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ProjectConfig(Section):
+    """What the project is called, where its runs go, and the seed behind every random choice."""
+
+    name: str = Field("maecli-project", min_length=1, description="Name of the project, recorded in every run.")
+    output_dir: Path = Field(Path("runs"), description="Folder for runs and checkpoints (relative paths: to this file).")
+    seed: int = Field(0, ge=0, description="Seed for every random choice: masks, crops, splits.")
+
+    _resolve_output_dir = field_validator("output_dir")(_resolve_path)
+
+
+class ModelConfig(Section):
+    """The MAE: a ViT encoder that sees the visible patches only, and a light decoder (names as in the official MAE)."""
+
+    preset: PresetName = Field("vit_base", description="Encoder size: vit_tiny, vit_small, vit_base, vit_large or vit_huge.")
+    img_size: tuple[int, int] = Field((224, 224), description="Input size: one number for square images, or [height, width].")
+    patch_size: int = Field(16, gt=0, description="Side of a square patch in pixels; must divide both sides of img_size.")
+    embed_dim: int = Field(gt=0, description="Encoder width (default: from preset).")
+    depth: int = Field(gt=0, description="Encoder blocks (default: from preset).")
+    num_heads: int = Field(gt=0, description="Encoder attention heads; must divide embed_dim (default: from preset).")
+    decoder_embed_dim: int = Field(512, gt=0, description="Decoder width.")
+    decoder_depth: int = Field(8, gt=0, description="Decoder blocks.")
+    decoder_num_heads: int = Field(16, gt=0, description="Decoder attention heads; must divide decoder_embed_dim.")
+    mlp_ratio: float = Field(4.0, gt=0, description="Hidden width of each MLP as a multiple of the block's width.")
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="Fraction of patches removed before the encoder.")
+    norm_pix_loss: bool = Field(False, description="Predict per-patch normalized pixels (better features, as in the paper).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", cls.model_fields["preset"].default)
+        # An unknown preset is reported on its own; filling from the default keeps it the only error.
+        sizes = PRESETS.get(preset, PRESETS[cls.model_fields["preset"].default]) if isinstance(preset, str) else {}
+        return {**sizes, **data}
+
+    @field_validator("img_size", mode="before")
+    @classmethod
+    def _square(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("img_size")
+    @classmethod
+    def _positive(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) <= 0:
+            raise ValueError(f"must be positive (got {list(value)})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        problems = []
+        if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
+            problems.append(f"img_size: must be divisible by patch_size {self.patch_size} (got {list(self.img_size)})")
+        for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                problems.append(f"{heads}: must divide {width} {getattr(self, width)} (got {getattr(self, heads)})")
+            if getattr(self, width) % 4:
+                problems.append(f"{width}: must be divisible by 4 for 2-D sin-cos position embeddings (got {getattr(self, width)})")
+        if not problems and int(self.num_patches * (1 - self.mask_ratio)) < 1:
+            problems.append(f"mask_ratio: leaves no visible patch out of {self.num_patches} (got {self.mask_ratio})")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size[0] // self.patch_size) * (self.img_size[1] // self.patch_size)
+
+    @property
+    def mae_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `MaskedAutoencoder` (the architecture; mask_ratio is a forward argument)."""
+        return self.model_dump(exclude={"preset", "mask_ratio"})
+
+
+class MaecliConfig(Section):
+    project: ProjectConfig = Field(default_factory=dict)
+    model: ModelConfig = Field(default_factory=dict)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_config(path: Path, overrides: Sequence[str] = ()) -> MaecliConfig:
+    """Read, override and validate a project file. `path` may be the file or its folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found (create one with 'maecli init')")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {getattr(err, 'strerror', None) or err}") from None
+    overridden = apply_overrides(data, overrides)
+    return validate_config(data, root=path.resolve().parent, source=str(path), overridden=overridden)
+
+
+def validate_config(data: dict[str, Any], *, root: Path, source: str, overridden: set[str] = frozenset()) -> MaecliConfig:
+    try:
+        return MaecliConfig.model_validate(data, context={"root": root})
+    except ValidationError as err:
+        raise ConfigError(*format_errors(err, source, overridden)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
+    """Apply `section.key=value` items to `data` in place; values are read as TOML, else as plain strings."""
+    overridden = set()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set: expected section.key=value (got {item!r})")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key.strip()}: {'.'.join(parts[: i + 1])} is not a table")
+        node[parts[-1]] = _parse_value(raw.strip())
+        overridden.add(".".join(parts))
+    return overridden
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+# --- error text ---------------------------------------------------------------------------------
+
+
+def format_errors(err: ValidationError, source: str, overridden: set[str] = frozenset()) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = [str(part) for part in e["loc"]]
+        if e["type"] == "value_error":
+            # Cross-field checks report several "field: text" lines at the section's location.
+            messages = [m.split(": ", 1) if ": " in m else [None, m] for m in str(e["ctx"]["error"]).splitlines()]
+        else:
+            messages = [[None, _describe(e, loc)]]
+        for field, text in messages:
+            where = ".".join(loc + ([field] if field else []))
+            origin = "--set" if any(o == where or o.startswith(where + ".") for o in overridden) else source
+            lines.append(f"{origin}: {where}: {text}" if where else f"{origin}: {text}")
+    return lines
+
+
+def _describe(e: dict[str, Any], loc: list[str]) -> str:
+    t, ctx = e["type"], e.get("ctx", {})
+    got = f" (got {_show(e.get('input'))})"
+    if t == "missing":
+        return "required"
+    if t == "extra_forbidden":
+        close = difflib.get_close_matches(loc[-1], _known_keys(loc[:-1]), n=1)
+        return "unknown key" + (f"; did you mean '{close[0]}'?" if close else "")
+    text = {
+        "greater_than": f"must be greater than {_show(ctx.get('gt'))}",
+        "greater_than_equal": f"must be at least {_show(ctx.get('ge'))}",
+        "less_than": f"must be less than {_show(ctx.get('lt'))}",
+        "less_than_equal": f"must be at most {_show(ctx.get('le'))}",
+        "literal_error": f"must be one of {ctx.get('expected')}",
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false",
+        "string_type": "must be a string",
+        "string_too_short": "must not be empty",
+        "path_type": "must be a path (a string)",
+        "model_type": "must be a table",
+        "dict_type": "must be a table",
+        "tuple_type": "must be a list",
+        "too_short": f"must have {ctx.get('min_length')} items",
+        "too_long": f"must have {ctx.get('max_length')} items",
+    }.get(t)
+    return (text or e["msg"][0].lower() + e["msg"][1:]) + got
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    model: Any = MaecliConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in TOML: 1 not 1.0, true not True, "text" in quotes."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def dump_toml(config: MaecliConfig) -> str:
+    """The resolved config as TOML (every value explicit)."""
+    out = []
+    for name, section in config:
+        out.append(f"[{name}]")
+        out.extend(f"{key} = {toml_value(value)}" for key, value in section.model_dump(mode="json").items())
+        out.append("")
+    return "\n".join(out)
+
+
+def template() -> str:
+    """A commented project file with every option at its default (what `maecli init` writes)."""
+    out = ["# maecli project file. Every option is shown at its default; relative paths are relative to this file.", ""]
+    for name, field in MaecliConfig.model_fields.items():
+        section = field.annotation
+        out += [f"# {section.__doc__.strip()}", f"[{name}]"]
+        for key, info in section.model_fields.items():
+            out.append(f"# {info.description}")
+            if info.is_required():  # sized by the preset: shown commented, at the default preset's value
+                preset = section.model_fields["preset"].default
+                out.append(f"# {key} = {toml_value(PRESETS[preset][key])}")
+            else:
+                default = info.default
+                out.append(f"{key} = {toml_value(list(default) if isinstance(default, tuple) else default)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_template(directory: Path, force: bool = False) -> Path:
+    path = Path(directory) / CONFIG_NAME
+    if path.exists() and not force:
+        raise ConfigError(f"{path}: already exists (use --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(template(), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

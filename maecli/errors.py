@@ -1,0 +1,22 @@
+"""Errors a user can fix. Library code raises them; only `maecli/cli.py` turns them into exit codes."""
+
+
+class MaecliError(Exception):
+    """A problem with the user's input or environment: printed as one line each, without a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, *lines: str) -> None:
+        assert lines, "a MaecliError needs at least one line of text"
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class ConfigError(MaecliError):
+    """The project file, a --set override or a command-line argument is wrong (exit code 2)."""
+
+    exit_code = 2
+
+
+class CheckpointError(MaecliError):
+    """A weights file cannot be read or does not fit the model (exit code 1)."""
