@@ -25,6 +25,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True, highlight=False)
+store_app = typer.Typer(help="Inspect frame stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="The project file (or its folder).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a project-file value: section.key=value (repeatable).")]
@@ -87,3 +89,77 @@ def show_config(config: ConfigOpt = Path(CONFIG_NAME), set_: SetOpt = None, json
         print_json(cfg.model_dump(mode="json"))
     else:
         typer.echo(dump_toml(cfg), nl=False)
+
+
+def print_lines(lines: list[str]) -> None:
+    for line in lines:
+        console.print(line, markup=False, soft_wrap=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@app.command()
+@reports_errors
+def extract(
+    inputs: Annotated[list[str] | None, typer.Argument(help="Video files, folders or glob patterns (default: [extract] inputs).")] = None,
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="Extract only part i of n of the videos, e.g. 2/4 (for many machines).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 if any file fails.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Decode videos into the frame store: sampled, resized, deduplicated, split by video, resumable."""
+    from maecli.extract import parse_shard, run_extract
+
+    cfg = load_config(config, set_ or [])
+    part = parse_shard(shard) if shard else None
+    summary = run_extract(cfg.extract, [str(Path(i).absolute()) for i in inputs or []], part, console)
+    if json_out:
+        print_json(summary)
+    else:
+        frames = summary["frames"]
+        lines = [
+            f"{summary['store']}: {frames['train']} train + {frames['val']} val frames of {summary['size'][0]}x{summary['size'][1]} "
+            f"from {summary['videos']} videos, {human_bytes(summary['bytes'])}",
+            f"this run: {summary['videos_extracted']} videos extracted ({summary['new_frames']} frames, "
+            f"{summary['dropped_duplicates']} near-duplicates dropped, {summary['frames_per_second']:.0f} decoded frames/s), "
+            f"{summary['videos_skipped']} already in the store, {summary['videos_failed']} failed",
+        ]
+        lines += [f"failed: {f['path']}: {f['reason']}" for f in summary["failures"]]
+        lines += [f"warning: {w['path']}: {w['message']}" for w in summary["warnings"]]
+        print_lines(lines)
+    if summary["frames"]["train"] + summary["frames"]["val"] == 0:
+        print_lines(["nothing could be extracted"])
+        raise typer.Exit(1)
+    if strict and summary["failures"]:
+        raise typer.Exit(1)
+
+
+@store_app.command("info")
+@reports_errors
+def store_info(
+    path: Annotated[Path | None, typer.Argument(help="The store folder (default: [extract] store of the project file).")] = None,
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Describe a frame store: frame size, frames per split, videos, bytes on disk, extraction settings."""
+    from maecli.store import FrameStore
+
+    info = FrameStore(path if path is not None else load_config(config, set_ or []).extract.store).info()
+    if json_out:
+        print_json(info)
+    else:
+        settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in info["settings"].items())
+        print_lines([
+            f"{info['store']} (frame store format {info['format_version']})",
+            f"frames: {info['frames']['train']} train, {info['frames']['val']} val, {info['size'][0]}x{info['size'][1]} RGB",
+            f"videos: {info['videos']}, {human_bytes(info['bytes'])} on disk",
+            f"settings: {settings}",
+        ])  # fmt: skip

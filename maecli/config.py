@@ -10,9 +10,9 @@ import os
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from maecli.errors import ConfigError
 
@@ -37,6 +37,20 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return Path(os.path.normpath(Path(root) / value))
 
 
+def _square(value: Any) -> Any:
+    return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _positive(value: tuple[int, int]) -> tuple[int, int]:
+    if min(value) <= 0:
+        raise ValueError(f"must be positive (got {list(value)})")
+    return value
+
+
+# An image size: one number for a square, or [height, width].
+Size = Annotated[tuple[int, int], BeforeValidator(_square), AfterValidator(_positive)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -55,7 +69,7 @@ class ModelConfig(Section):
     """The MAE: a ViT encoder that sees the visible patches only, and a light decoder (names as in the official MAE)."""
 
     preset: PresetName = Field("vit_base", description="Encoder size: vit_tiny, vit_small, vit_base, vit_large or vit_huge.")
-    img_size: tuple[int, int] = Field((224, 224), description="Input size: one number for square images, or [height, width].")
+    img_size: Size = Field((224, 224), description="Input size: one number for square images, or [height, width].")
     patch_size: int = Field(16, gt=0, description="Side of a square patch in pixels; must divide both sides of img_size.")
     embed_dim: int = Field(gt=0, description="Encoder width (default: from preset).")
     depth: int = Field(gt=0, description="Encoder blocks (default: from preset).")
@@ -76,18 +90,6 @@ class ModelConfig(Section):
         # An unknown preset is reported on its own; filling from the default keeps it the only error.
         sizes = PRESETS.get(preset, PRESETS[cls.model_fields["preset"].default]) if isinstance(preset, str) else {}
         return {**sizes, **data}
-
-    @field_validator("img_size", mode="before")
-    @classmethod
-    def _square(cls, value: Any) -> Any:
-        return (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-    @field_validator("img_size")
-    @classmethod
-    def _positive(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) <= 0:
-            raise ValueError(f"must be positive (got {list(value)})")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
@@ -115,9 +117,56 @@ class ModelConfig(Section):
         return self.model_dump(exclude={"preset", "mask_ratio"})
 
 
+class ExtractConfig(Section):
+    """Videos to a frame store: which files, how frames are sampled, and the stored frame size."""
+
+    inputs: list[str] = Field([], description="Video files, folders (searched recursively) and glob patterns (relative: to this file).")
+    store: Path = Field(Path("frames"), description="The frame store folder that extract writes and pretrain reads.")
+    fps: float = Field(2.0, ge=0, description="Frames kept per second of video, chosen by timestamp (0: sample by every_n).")
+    every_n: int = Field(0, ge=0, description="Keep every N-th decoded frame instead of sampling by fps (needs fps = 0).")
+    start: float = Field(0.0, ge=0, description="Seconds skipped at the start of each video.")
+    end: float = Field(0.0, ge=0, description="Stop at this second of each video (0: at its end).")
+    max_frames: int = Field(0, ge=0, description="At most this many frames per video (0: no cap).")
+    size: Size = Field((224, 224), description="Stored frame size: one number for square frames, or [height, width].")
+    resize: Literal["crop", "stretch"] = Field("crop", description="crop: scale the short side to fit, then center-crop; stretch: scale to size exactly.")
+    dedup: float = Field(
+        0.004, ge=0, lt=1, description="Drop a frame whose mean grey difference (0-1) to the last kept one is below this (0: keep all)."
+    )
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of videos held out for validation (whole videos, chosen by content).")
+    workers: int = Field(0, ge=0, description="Videos decoded in parallel, one process each (0: one per CPU core).")
+    shard_frames: int = Field(1024, gt=0, description="Frames per shard file in the store.")
+
+    @field_validator("inputs")
+    @classmethod
+    def _resolve_inputs(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        root = (info.context or {}).get("root")
+        return [str(Path(root) / v) if root and not Path(v).is_absolute() else v for v in value]
+
+    _resolve_store = field_validator("store")(_resolve_path)
+
+    @model_validator(mode="after")
+    def _one_sampling(self) -> "ExtractConfig":
+        problems = []
+        if self.fps > 0 and self.every_n > 0:
+            problems.append(f"every_n: set fps = 0 to keep every N-th frame (got every_n {self.every_n} with fps {_show(self.fps)})")
+        if self.fps == 0 and self.every_n == 0:
+            problems.append("fps: set fps > 0, or every_n > 0 with fps = 0")
+        if self.end and self.end <= self.start:
+            problems.append(f"end: must be after start {_show(self.start)} (got {_show(self.end)})")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What defines the frames of a store (not where they come from, nor how many processes)."""
+        return self.model_dump(mode="json", exclude={"inputs", "store", "workers"})
+
+
 class MaecliConfig(Section):
     project: ProjectConfig = Field(default_factory=dict)
     model: ModelConfig = Field(default_factory=dict)
+    extract: ExtractConfig = Field(default_factory=dict)
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -1,0 +1,224 @@
+"""`maecli extract`: video files to a frame store, one worker process per video, resumable.
+
+A video is identified by its content fingerprint: re-running skips videos already in the store, a
+killed run redoes only the videos it had not finished, and `--shard i/n` takes a fixed 1/n of them.
+A bad file is reported with a one-line reason and the others still extract.
+"""
+
+import glob
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from maecli.config import ExtractConfig
+from maecli.errors import ConfigError, MaecliError
+from maecli.store import FrameStore, ShardWriter, clear_video, done_fingerprints, fingerprint, open_for_writing, write_json, write_record
+from maecli.video import VIDEO_EXTENSIONS, VideoError, grey_thumbnail, sample_frames, to_rgb
+
+
+class Interrupted(MaecliError):
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class Job:
+    path: Path
+    fp: str
+    split: str
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' with 1 <= i <= n."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard: expected i/n, e.g. 1/4 (got {text!r})") from None
+    if not 1 <= i <= n:
+        raise ConfigError(f"--shard: i must be between 1 and n (got {text!r})")
+    return i, n
+
+
+def find_videos(inputs: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Expand files, folders (recursively, by video extension) and glob patterns, in the order given."""
+    paths, failures = [], []
+    for item in inputs:
+        if any(c in item for c in "*?["):
+            found = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            if not found:
+                failures.append({"path": item, "reason": "the pattern matches no file"})
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+            if not found:
+                failures.append({"path": item, "reason": "the folder holds no video file"})
+        else:
+            found = [Path(item)]  # named explicitly: used whatever its extension; a missing one is reported below
+        paths += found
+    unique = list(dict.fromkeys(p.absolute() for p in paths))
+    return unique, failures
+
+
+def split_of(fp: str, val_fraction: float) -> str:
+    """Deterministic by content: the same video always lands on the same side, whatever else is extracted."""
+    return "val" if int(fp[:8], 16) / 2**32 < val_fraction else "train"
+
+
+def in_shard(fp: str, shard: tuple[int, int] | None) -> bool:
+    return shard is None or int(fp[8:16], 16) % shard[1] == shard[0] - 1
+
+
+def extract_video(job: Job, root: Path, cfg: ExtractConfig, report: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Decode, sample, resize and dedup one video into shards; return its record (written by the caller)."""
+    clear_video(root, job.fp)
+    writer = ShardWriter(root, job.fp, cfg.size, cfg.shard_frames)
+    times, indices, dropped, last, warning, info = [], [], 0, None, None, {}
+    try:
+        for index, t, frame in sample_frames(job.path, fps=cfg.fps, every_n=cfg.every_n, start=cfg.start, end=cfg.end, info=info):
+            rgb = to_rgb(frame, cfg.size, cfg.resize)  # (H, W, 3) uint8
+            if cfg.dedup > 0:
+                thumb = grey_thumbnail(rgb)
+                if last is not None and float(np.abs(thumb - last).mean()) < cfg.dedup:
+                    dropped += 1
+                    continue
+                last = thumb
+            writer.add(rgb)
+            times.append(t)
+            indices.append(index)
+            if report is not None and len(times) % 8 == 0:
+                report(8)
+            if cfg.max_frames and len(times) >= cfg.max_frames:
+                break
+    except VideoError as err:
+        if not times:
+            raise
+        warning = f"kept the {len(times)} frames before an error: {err}"  # a truncated recording is still footage
+    if report is not None:
+        report(len(times) % 8)
+    return dict(
+        source=str(job.path),
+        fingerprint=job.fp,
+        split=job.split,
+        stream=info["stream"],
+        codec=info["codec"],
+        width=info["width"],
+        height=info["height"],
+        bytes=job.path.stat().st_size,
+        decoded=info["decoded"],
+        dropped_duplicates=dropped,
+        shards=writer.close(),
+        timestamps=times,
+        frame_indices=indices,
+        warning=warning,
+    )
+
+
+def _safe_extract(job: Job, root: Path, cfg: ExtractConfig, report: Callable[[int], None] | None) -> dict[str, Any]:
+    """The worker's entry point: a bad video becomes a failure entry, never an exception across processes."""
+    try:
+        return extract_video(job, root, cfg, report)
+    except VideoError as err:
+        clear_video(root, job.fp)
+        return {"failure": str(err)}
+
+
+def _put(queue: Any, n: int) -> None:
+    queue.put(n)
+
+
+def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tuple[int, int] | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Extract every input video not yet in the store; returns the summary."""
+    items = inputs or cfg.inputs
+    if not items:
+        raise ConfigError("extract.inputs: no videos given (list them under [extract] inputs, or pass them as arguments)")
+    root = cfg.store
+    open_for_writing(root, cfg.settings)
+    t_start = time.perf_counter()
+
+    paths, failures = find_videos(items)
+    warnings, jobs, seen = [], [], {}
+    for path in paths:
+        try:
+            fp = fingerprint(path)
+        except FileNotFoundError:
+            failures.append({"path": str(path), "reason": "no such file"})
+            continue
+        except OSError as err:
+            failures.append({"path": str(path), "reason": f"cannot read: {(err.strerror or str(err)).lower()}"})
+            continue
+        if fp in seen:
+            warnings.append({"path": str(path), "message": f"same content as {seen[fp]}: skipped"})
+            continue
+        seen[fp] = path
+        if in_shard(fp, shard):
+            jobs.append(Job(path, fp, split_of(fp, cfg.val_fraction)))
+    done = done_fingerprints(root)
+    todo = [j for j in jobs if j.fp not in done]
+
+    records = []
+    workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(todo)))
+    progress = Progress(
+        TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("videos  {task.fields[frames]} frames  {task.fields[rate]} frames/s"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=console is None or not console.is_terminal,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("extract", total=len(todo), frames=0, rate="-")
+
+        def count(n: int) -> None:
+            frames = progress.tasks[0].fields["frames"] + n
+            progress.update(task, frames=frames, rate=f"{frames / max(1e-9, time.perf_counter() - t_start):.0f}")
+
+        def finish(job: Job, result: dict[str, Any]) -> None:
+            if "failure" in result:
+                failures.append({"path": str(job.path), "reason": result["failure"]})
+            else:
+                write_record(root, result)  # the video is in the store from here on
+                records.append(result)
+                if result["warning"]:
+                    warnings.append({"path": str(job.path), "message": result["warning"]})
+            progress.advance(task)
+
+        try:
+            if workers == 1:
+                for job in todo:
+                    finish(job, _safe_extract(job, root, cfg, count))
+            else:
+                ctx = multiprocessing.get_context("spawn")
+                with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    queue = manager.Queue()
+                    running = {pool.submit(_safe_extract, job, root, cfg, partial(_put, queue)): job for job in todo}
+                    while running:
+                        finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+                        while not queue.empty():
+                            count(queue.get())
+                        for future in finished:
+                            finish(running.pop(future), future.result())
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted after {len(records)} of {len(todo)} videos; run the same command again to resume") from None
+
+    seconds = time.perf_counter() - t_start
+    new_frames = sum(len(r["timestamps"]) for r in records)
+    summary = dict(
+        **FrameStore(root).info(),
+        videos_extracted=len(records),
+        videos_skipped=len(jobs) - len(todo),
+        videos_failed=len(failures),
+        new_frames=new_frames,
+        dropped_duplicates=sum(r["dropped_duplicates"] for r in records),
+        seconds=round(seconds, 3),
+        frames_per_second=round(sum(r["decoded"] for r in records) / seconds, 1) if records else 0.0,
+        failures=failures,
+        warnings=warnings,
+        shard=f"{shard[0]}/{shard[1]}" if shard else None,
+    )
+    write_json(root / "last-extract.json", summary)
+    return summary
