@@ -76,13 +76,13 @@ def in_shard(fp: str, shard: tuple[int, int] | None) -> bool:
     return shard is None or int(fp[8:16], 16) % shard[1] == shard[0] - 1
 
 
-def extract_video(job: Job, root: Path, cfg: ExtractConfig, report: Callable[[int], None] | None = None) -> dict[str, Any]:
+def extract_video(job: Job, root: Path, cfg: ExtractConfig, threads: int = 0, report: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Decode, sample, resize and dedup one video into shards; return its record (written by the caller)."""
     clear_video(root, job.fp)
     writer = ShardWriter(root, job.fp, cfg.size, cfg.shard_frames)
     times, indices, dropped, last, warning, info = [], [], 0, None, None, {}
     try:
-        for index, t, frame in sample_frames(job.path, fps=cfg.fps, every_n=cfg.every_n, start=cfg.start, end=cfg.end, info=info):
+        for index, t, frame in sample_frames(job.path, fps=cfg.fps, every_n=cfg.every_n, start=cfg.start, end=cfg.end, threads=threads, info=info):
             rgb = to_rgb(frame, cfg.size, cfg.resize)  # (H, W, 3) uint8
             if cfg.dedup > 0:
                 thumb = grey_thumbnail(rgb)
@@ -121,10 +121,10 @@ def extract_video(job: Job, root: Path, cfg: ExtractConfig, report: Callable[[in
     )
 
 
-def _safe_extract(job: Job, root: Path, cfg: ExtractConfig, report: Callable[[int], None] | None) -> dict[str, Any]:
+def _safe_extract(job: Job, root: Path, cfg: ExtractConfig, threads: int, report: Callable[[int], None] | None) -> dict[str, Any]:
     """The worker's entry point: a bad video becomes a failure entry, never an exception across processes."""
     try:
-        return extract_video(job, root, cfg, report)
+        return extract_video(job, root, cfg, threads, report)
     except VideoError as err:
         clear_video(root, job.fp)
         return {"failure": str(err)}
@@ -162,9 +162,11 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
             jobs.append(Job(path, fp, split_of(fp, cfg.val_fraction)))
     done = done_fingerprints(root)
     todo = [j for j in jobs if j.fp not in done]
+    cores = os.cpu_count() or 1
+    workers = max(1, min(cfg.workers or cores, len(todo)))
+    threads = 0 if workers == 1 else max(1, cores // workers)  # decoder threads: the workers share the cores
 
     records = []
-    workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(todo)))
     progress = Progress(
         TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("videos  {task.fields[frames]} frames  {task.fields[rate]} frames/s"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -190,12 +192,12 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
         try:
             if workers == 1:
                 for job in todo:
-                    finish(job, _safe_extract(job, root, cfg, count))
+                    finish(job, _safe_extract(job, root, cfg, threads, count))
             else:
                 ctx = multiprocessing.get_context("spawn")
                 with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                     queue = manager.Queue()
-                    running = {pool.submit(_safe_extract, job, root, cfg, partial(_put, queue)): job for job in todo}
+                    running = {pool.submit(_safe_extract, job, root, cfg, threads, partial(_put, queue)): job for job in todo}
                     while running:
                         finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
                         while not queue.empty():

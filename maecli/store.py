@@ -152,7 +152,8 @@ class FrameStore:
 
     def _shard(self, s: int) -> np.ndarray:
         if s not in self._maps:
-            self._maps[s] = np.load(self.root / "shards" / self.shard_names[s], mmap_mode="r")  # (n, H, W, 3)
+            mapped = np.load(self.root / "shards" / self.shard_names[s], mmap_mode="r")  # (n, H, W, 3)
+            self._maps[s] = mapped.view(np.ndarray)  # same pages; skips np.memmap's Python-level __getitem__
         return self._maps[s]
 
     def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,14 +167,16 @@ class FrameStore:
         return np.asarray(self._shard(int(shard[0]))[local[0]])
 
     def get_batch(self, indices: Any) -> np.ndarray:
-        """(B, H, W, 3) uint8 for global `indices`, read shard by shard in sorted order."""
+        """(B, H, W, 3) uint8 for global `indices`.
+
+        One memcpy per frame, visited in store order (sequential reads within a shard): 2.5x faster than
+        numpy's fancy-index gather on a memmap, which copies element by element (docs/benchmarks.md).
+        """
         indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((len(indices), *self.size, 3), dtype=np.uint8)
-        shard, local = self._locate(indices)
-        for s in np.unique(shard):
-            sel = np.nonzero(shard == s)[0]
-            order = np.argsort(local[sel])  # sequential reads within a shard
-            out[sel[order]] = self._shard(int(s))[local[sel][order]]
+        shard, local = (a.tolist() for a in self._locate(indices))
+        for j in np.argsort(indices, kind="stable").tolist():
+            out[j] = self._shard(shard[j])[local[j]]
         return out
 
     def provenance(self, i: int) -> dict[str, Any]:

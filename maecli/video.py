@@ -20,8 +20,9 @@ class VideoError(Exception):
     """A file that cannot be used as a video; the message is the one-line reason."""
 
 
-def open_video(path: Path) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
-    """Open `path` and pick its first video stream, or raise VideoError saying why not."""
+def open_video(path: Path, threads: int = 0) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    """Open `path` and pick its first video stream (decoded by `threads` threads, 0: one per core), or raise
+    VideoError saying why not."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -47,11 +48,12 @@ def open_video(path: Path) -> tuple[av.container.InputContainer, av.video.stream
         raise VideoError(f"no video stream ({', '.join(kinds)} streams only)")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
     return container, stream
 
 
 def sample_frames(
-    path: Path, *, fps: float, every_n: int, start: float = 0.0, end: float = 0.0, info: dict[str, Any] | None = None
+    path: Path, *, fps: float, every_n: int, start: float = 0.0, end: float = 0.0, threads: int = 0, info: dict[str, Any] | None = None
 ) -> Iterator[tuple[int, float, av.VideoFrame]]:
     """Yield (frame index, timestamp in seconds, frame) for the sampled frames of `path`'s first video stream.
 
@@ -61,7 +63,7 @@ def sample_frames(
     stream's index, codec, size and the number of frames decoded.
     """
     assert (fps > 0) != (every_n > 0), f"sample by fps or by every_n, not both or neither (fps={fps}, every_n={every_n})"
-    container, stream = open_video(path)
+    container, stream = open_video(path, threads)
     info = {} if info is None else info
     info.update(stream=stream.index, codec=stream.codec_context.name, width=stream.width, height=stream.height, decoded=0)
     with container:
