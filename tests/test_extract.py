@@ -320,3 +320,13 @@ def test_store_info(runner, tmp_path, clips):
     assert result.stderr == f"{tmp_path / 'frames'}: frame store format version 99, this maecli reads version 1: upgrade maecli\n"
     result = runner.invoke(app, ["store", "info", str(tmp_path)])
     assert result.exit_code == 2 and "not a frame store" in result.stderr
+
+
+@pytest.mark.parametrize("name, codec", [("clip.webm", "libvpx-vp9"), ("clip.mkv", "libx265"), ("clip.avi", "mpeg4")])
+def test_other_codecs_and_containers(runner, tmp_path, name, codec):
+    write_video(tmp_path / name, n=30, fps=10, codec=codec)  # 3 s at 10 fps
+    result, summary = run(runner, project(tmp_path), tmp_path / name)
+    assert result.exit_code == 0, result.output
+    store = FrameStore(tmp_path / "frames")
+    assert [store.provenance(i)["time"] for i in range(len(store))] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert store.videos[0]["codec"] == {"libvpx-vp9": "vp9", "libx265": "hevc", "mpeg4": "mpeg4"}[codec]
