@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from maecli.errors import CheckpointError
+from maecli.errors import CheckpointError, ConfigError
 from maecli.model import MaskedAutoencoder, to_2tuple
 
 FORMAT_VERSION = "1"
@@ -235,6 +235,19 @@ def _read_hf(folder: Path) -> tuple[StateDict, dict[str, Any]]:
 
 
 # --- the one loader -----------------------------------------------------------------------------
+
+
+def canonical_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """Architecture keyword arguments in one spelling: img_size as [H, W], every default explicit."""
+    return {"in_chans": 3, "norm_pix_loss": False, **arch, "img_size": list(to_2tuple(arch["img_size"])), "mlp_ratio": float(arch["mlp_ratio"])}
+
+
+def check_same_arch(found: dict[str, Any], expected: dict[str, Any], source: Path | str, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError naming the first architecture key on which a weights file and the config disagree."""
+    found, expected = canonical_arch(found), canonical_arch(expected)
+    for key, value in expected.items():
+        if key not in ignore and found.get(key) != value:
+            raise ConfigError(f"{source}: {what}: model.{key} is {json.dumps(found.get(key))} there, {json.dumps(value)} in the config")
 
 
 def read_weights(path: Path) -> tuple[StateDict, dict[str, Any] | None]:

@@ -163,3 +163,32 @@ def store_info(
             f"videos: {info['videos']}, {human_bytes(info['bytes'])} on disk",
             f"settings: {settings}",
         ])  # fmt: skip
+
+
+@app.command()
+@reports_errors
+def pretrain(
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Delete this run's checkpoints and start over.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Pretrain the MAE on the frame store's train split; resumes the run folder's latest checkpoint."""
+    from maecli.train import pretrain as run_pretrain
+
+    cfg = load_config(config, set_ or [])
+    summary = run_pretrain(cfg, restart=restart, console=console)
+    if summary is None:  # not the main process under torchrun
+        return
+    if json_out:
+        print_json(summary)
+    else:
+        print_lines(summary["notes"] + [
+            f"{summary['run_dir']}: {summary['steps']} steps ({summary['epochs']} epochs, effective batch {summary['effective_batch']}) "
+            f"on {summary['device']} x {summary['world_size']}",
+            f"final loss {summary['final_loss']:.4f}, {summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s "
+            f"(data wait {100 * summary['data_wait_fraction']:.1f}% of the time)",
+            f"checkpoint: {summary['checkpoint']}",
+            f"loss curve: {summary['loss_curve']}",
+            f"reconstructions: {summary['snapshot']}",
+        ])  # fmt: skip

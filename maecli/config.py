@@ -163,10 +163,58 @@ class ExtractConfig(Section):
         return self.model_dump(mode="json", exclude={"inputs", "store", "workers"})
 
 
+class PretrainConfig(Section):
+    """Pretraining on the store's train split: the official MAE recipe (AdamW, warmup + cosine), checkpoints, logging."""
+
+    run: str = Field("pretrain", min_length=1, description="Run folder name, under project.output_dir.")
+    batch_size: int = Field(64, gt=0, description="Images per device per step (the effective batch is batch_size x devices x accum_iter).")
+    epochs: int = Field(100, ge=0, description="Passes over the train split (replaced by steps when steps > 0).")
+    steps: int = Field(0, ge=0, description="Total optimizer steps; when > 0 it replaces epochs.")
+    accum_iter: int = Field(1, gt=0, description="Gradient accumulation: micro-batches per optimizer step.")
+    blr: float = Field(1.5e-4, gt=0, description="Base learning rate: lr = blr x effective batch / 256.")
+    lr: float = Field(0.0, ge=0, description="Absolute learning rate (0: from blr).")
+    min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of the cosine decay.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (none on biases, norms, position embeddings and tokens).")
+    warmup_epochs: float = Field(5.0, ge=0, description="Linear warmup length in epochs (replaced by warmup_steps when > 0).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup length in optimizer steps; when > 0 it replaces warmup_epochs.")
+    clip_grad: float = Field(0.0, ge=0, description="Clip the gradient norm to this value (0: no clipping).")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="Random resized crop: range of the crop's area as a fraction of the frame.")
+    hflip: bool = Field(True, description="Random horizontal flips.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model (auto: on CUDA only; compiling on a CPU rarely pays).")
+    checkpoint_every: int = Field(1000, gt=0, description="Write a checkpoint and a reconstruction snapshot every this many steps (and at the end).")
+    keep_last: int = Field(3, gt=0, description="Checkpoints kept in the run folder (older ones are deleted).")
+    log_every: int = Field(20, gt=0, description="Append a metrics line every this many steps.")
+    init_from: str = Field("", description="Start from these weights: a maecli checkpoint, an official MAE .pth or a Hugging Face ViTMAE folder.")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"must be [low, high] with 0 < low <= high <= 1 (got {list(value)})")
+        return value
+
+    @field_validator("init_from")
+    @classmethod
+    def _resolve_init_from(cls, value: str, info: ValidationInfo) -> str:
+        return str(_resolve_path(Path(value), info)) if value else value
+
+    @model_validator(mode="after")
+    def _has_length(self) -> "PretrainConfig":
+        if self.epochs == 0 and self.steps == 0:
+            raise ValueError("epochs: set epochs > 0 or steps > 0")
+        return self
+
+
 class MaecliConfig(Section):
     project: ProjectConfig = Field(default_factory=dict)
     model: ModelConfig = Field(default_factory=dict)
     extract: ExtractConfig = Field(default_factory=dict)
+    pretrain: PretrainConfig = Field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.project.output_dir / self.pretrain.run
 
 
 # --- loading ------------------------------------------------------------------------------------

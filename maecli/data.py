@@ -1,0 +1,146 @@
+"""The one data path from the frame store to the model: sampling order, per-sample randomness, prefetching,
+and MAE's augmentation (random resized crop + horizontal flip) done in one batched op on the device.
+
+Every random choice is a function of (seed, micro-step): the epoch's permutation, each sample's crop,
+flip and mask noise. A global micro-batch is drawn whole and each rank takes its slice, so one process
+and N processes see the same global batch, and a resumed run continues bit for bit without saved RNG state.
+"""
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from maecli.store import FrameStore
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which frames and which random draws each micro-step uses, for one rank."""
+
+    num_frames: int  # frames in the split
+    batch_size: int  # per rank
+    world_size: int
+    rank: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def micro_steps_per_epoch(self) -> int:
+        return self.num_frames // self.global_batch  # the last incomplete batch of an epoch is dropped
+
+    def indices(self, micro_step: int) -> np.ndarray:
+        """Store indices for this rank at a micro-step: (B,)."""
+        epoch, pos = divmod(micro_step, self.micro_steps_per_epoch)
+        perm = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_frames)
+        start = pos * self.global_batch + self.rank * self.batch_size
+        return perm[start : start + self.batch_size]
+
+    def rank_slice(self) -> slice:
+        return slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+
+
+def crop_boxes(rng: np.random.Generator, n: int, frame_hw: tuple[int, int], out_hw: tuple[int, int], scale: tuple[float, float],
+               hflip: bool) -> np.ndarray:
+    """Random resized crops as affine maps (n, 2, 3) from output to input coordinates (normalized, align_corners=False).
+
+    Area uniform in `scale` of the frame, aspect ratio log-uniform in [3/4, 4/3] around the output's own
+    aspect (so wide outputs get wide crops), clamped to the frame; flipped horizontally with probability 1/2.
+    """
+    H, W = frame_hw
+    area = H * W * rng.uniform(scale[0], scale[1], n)  # (n,)
+    ratio = (out_hw[1] / out_hw[0]) * np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), n))  # (n,) width / height
+    cw = np.minimum(np.sqrt(area * ratio), W)
+    ch = np.minimum(np.sqrt(area / ratio), H)
+    cx = cw / 2 + rng.uniform(0, 1, n) * (W - cw)  # crop centers, pixels
+    cy = ch / 2 + rng.uniform(0, 1, n) * (H - ch)
+    flip = np.where(rng.uniform(0, 1, n) < 0.5, -1.0, 1.0) if hflip else np.ones(n)
+    theta = np.zeros((n, 2, 3), dtype=np.float32)
+    theta[:, 0, 0] = cw / W * flip
+    theta[:, 0, 2] = 2 * cx / W - 1
+    theta[:, 1, 1] = ch / H
+    theta[:, 1, 2] = 2 * cy / H - 1
+    return theta
+
+
+def step_randomness(plan: Plan, micro_step: int, frame_hw: tuple[int, int], out_hw: tuple[int, int], num_patches: int,
+                    scale: tuple[float, float], hflip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's crops (B, 2, 3) and mask noise (B, L), drawn for the whole global batch of the micro-step."""
+    rng = np.random.default_rng([plan.seed, 1, micro_step])
+    theta = crop_boxes(rng, plan.global_batch, frame_hw, out_hw, scale, hflip)  # (G, 2, 3)
+    noise = rng.random((plan.global_batch, num_patches), dtype=np.float32)  # (G, L)
+    s = plan.rank_slice()
+    return theta[s], noise[s]
+
+
+def full_frame(n: int) -> torch.Tensor:
+    """The identity crop: (n, 2, 3), the whole frame resized, no flip."""
+    return torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3).contiguous()
+
+
+def augment(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """uint8 frames (B, H, W, 3) + crops (B, 2, 3) -> normalized float images (B, 3, h, w), on the frames' device."""
+    x = frames.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, H, W)
+    grid = F.affine_grid(theta.to(x.device), [x.shape[0], 3, *out_hw], align_corners=False)  # (B, h, w, 2)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, 3, h, w)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class Loader:
+    """Prefetches micro-batches in a background thread: store reads, crops and noise, pinned for CUDA.
+
+    `next()` returns (frames uint8 (B, H, W, 3), theta (B, 2, 3), noise (B, L)) on `device`, and adds the
+    time it had to wait to `waited` (seconds): a loader that keeps up leaves it near zero.
+    """
+
+    def __init__(self, store: FrameStore, plan: Plan, start: int, device: torch.device, out_hw: tuple[int, int], num_patches: int,
+                 scale: tuple[float, float], hflip: bool, depth: int = 4) -> None:
+        self.store, self.plan, self.device = store, plan, device
+        self.args = (tuple(store.size), out_hw, num_patches, scale, hflip)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.waited = 0.0
+        self.thread = threading.Thread(target=self._produce, args=(start,), daemon=True)
+        self.thread.start()
+
+    def _produce(self, micro_step: int) -> None:
+        pin = self.device.type == "cuda"
+        try:
+            while not self.stop.is_set():
+                frames = torch.from_numpy(self.store.get_batch(self.plan.indices(micro_step)))  # (B, H, W, 3) uint8
+                theta, noise = (torch.from_numpy(a) for a in step_randomness(self.plan, micro_step, *self.args))
+                item = tuple(t.pin_memory() if pin else t for t in (frames, theta, noise))
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                micro_step += 1
+        except Exception as err:  # handed to the consumer, which re-raises it with its traceback
+            self.queue.put(err)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = time.perf_counter()
+        item = self.queue.get()
+        self.waited += time.perf_counter() - t
+        if isinstance(item, Exception):
+            raise item
+        return tuple(x.to(self.device, non_blocking=True) for x in item)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)

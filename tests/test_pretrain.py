@@ -1,0 +1,248 @@
+"""`maecli pretrain` end to end on a tiny model and a generated frame store."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maecli.checkpoint import read_weights, save_hf, save_official
+from maecli.cli import app
+from maecli.model import MaskedAutoencoder
+from maecli.train import get_lr, param_groups
+from tests.conftest import TINY
+from tests.videos import frame_image, write_video
+
+MODEL = {**TINY, "preset": "vit_tiny"}
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """A 32x32 frame store of ~120 frames from four generated clips."""
+    from typer.testing import CliRunner
+
+    d = tmp_path_factory.mktemp("store")
+    for i in range(4):
+        write_video(d / f"v{i}.mp4", images=[frame_image(11 * i + j, 48, 64) for j in range(30)], fps=10)
+    (d / "maecli.toml").write_text('[extract]\nstore = "frames"\nsize = [32, 32]\nfps = 10\nworkers = 1\nval_fraction = 0.3\n')
+    result = CliRunner().invoke(app, ["extract", "-c", str(d / "maecli.toml"), str(d)])
+    assert result.exit_code == 0, result.output
+    return d / "frames"
+
+
+def project(folder: Path, store: Path, **pretrain) -> Path:
+    settings = {**dict(batch_size=8, steps=20, warmup_steps=2, lr=1e-3, checkpoint_every=10, log_every=1), **pretrain}
+    text = "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in MODEL.items())
+    text += f'[extract]\nstore = "{store}"\nsize = [32, 32]\n'
+    text += "[pretrain]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+    (folder / "maecli.toml").write_text(text)
+    return folder / "maecli.toml"
+
+
+def pretrain(runner, config, *args):
+    result = runner.invoke(app, ["pretrain", "-c", str(config), "--json", *args])
+    return result, (json.loads(result.stdout) if result.exit_code == 0 else None)
+
+
+def final_weights(folder: Path, step: int) -> dict[str, torch.Tensor]:
+    return read_weights(folder / "runs" / "pretrain" / "checkpoints" / f"step-{step:08d}.safetensors")[0]
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_loss_decreases_and_artifacts_are_written(runner, tmp_path, store):
+    result, summary = pretrain(runner, project(tmp_path, store, steps=60, checkpoint_every=30, keep_last=1))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.9 * first, f"loss did not decrease: {first:.3f} -> {last:.3f}"  # measured: 1.40 -> 1.22 (0.87x)
+    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "images_per_s", "grad_norm", "data_wait", "peak_mem_mib"}
+    assert all(math.isfinite(r["grad_norm"]) and r["images_per_s"] > 0 and r["peak_mem_mib"] > 0 for r in rows)
+    run = tmp_path / "runs" / "pretrain"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000060.safetensors", "step-00000060.state.pt"]  # keep_last = 1
+    for name in ("loss.png", "snapshots/step-00000030.png", "snapshots/step-00000060.png", "config.toml", "summary.json"):
+        assert (run / name).stat().st_size > 0, name
+    assert summary["steps"] == 60 and summary["final_loss"] == rows[-1]["loss"] and summary["checkpoint"].endswith("step-00000060.safetensors")
+    assert summary["effective_batch"] == 8 and summary["device"] == "cpu"
+    # a finished run re-run does no more steps
+    again, summary = pretrain(runner, project(tmp_path, store, steps=60, checkpoint_every=30, keep_last=1))
+    assert again.exit_code == 0 and summary["steps_this_run"] == 0
+
+
+def test_lr_schedule_follows_the_formula(runner, tmp_path, store):
+    assert get_lr(0, total=100, warmup=10, lr=1.0, min_lr=0.1) == 0.0
+    assert get_lr(5, total=100, warmup=10, lr=1.0, min_lr=0.1) == 0.5
+    assert get_lr(10, total=100, warmup=10, lr=1.0, min_lr=0.1) == 1.0
+    assert get_lr(55, total=100, warmup=10, lr=1.0, min_lr=0.1) == pytest.approx(0.55)
+    assert get_lr(100, total=100, warmup=10, lr=1.0, min_lr=0.1) == pytest.approx(0.1)
+    # the run uses it every step, with lr = blr * effective batch / 256
+    result, summary = pretrain(runner, project(tmp_path, store, lr=0, blr=0.0256, steps=12, warmup_steps=3, min_lr=1e-4, accum_iter=2))
+    assert result.exit_code == 0, result.output
+    assert summary["lr"] == pytest.approx(0.0256 * 16 / 256) and summary["effective_batch"] == 16
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([get_lr(s, total=12, warmup=3, lr=0.0016, min_lr=1e-4) for s in range(12)])
+
+
+def test_weight_decay_groups():
+    model = MaskedAutoencoder(**TINY)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decayed == {n for n, p in model.named_parameters() if p.ndim >= 2 and n not in ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")}
+    assert {"blocks.0.attn.qkv.weight", "decoder_pred.weight", "patch_embed.proj.weight"} <= decayed
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "decoder_norm.bias"} <= skipped
+    assert "pos_embed" not in skipped | decayed  # fixed sin-cos: not trained at all
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_bit_identical(runner, tmp_path, store, sig):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "cut").mkdir()
+    kw = dict(steps=150, checkpoint_every=15, log_every=5)
+    result, _ = pretrain(runner, project(tmp_path / "ref", store, **kw))
+    assert result.exit_code == 0, result.output
+    config = project(tmp_path / "cut", store, **kw)
+    proc = subprocess.Popen([sys.executable, "-m", "maecli", "pretrain", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpts = tmp_path / "cut" / "runs" / "pretrain" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(ckpts.glob("step-*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate()
+    written = sorted(ckpts.glob("step-*.safetensors"))
+    assert written and "step-00000150" not in written[-1].name, "the run finished before it could be interrupted"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert "run the same command again to resume" in stderr.splitlines()[-1]
+    result, summary = pretrain(runner, config)
+    assert result.exit_code == 0, result.output
+    assert summary["notes"][0].startswith("resumed from step ") and 0 < summary["steps_this_run"] < 150
+    assert_identical(final_weights(tmp_path / "cut", 150), final_weights(tmp_path / "ref", 150))
+    metrics = [json.loads(line)["step"] for line in (tmp_path / "cut" / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(5, 151, 5))  # nothing logged twice
+
+
+def test_torchrun_two_processes_match_one(runner, tmp_path, store):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    result, _ = pretrain(runner, project(tmp_path / "one", store, batch_size=8, steps=6, checkpoint_every=6))
+    assert result.exit_code == 0, result.output
+    config = project(tmp_path / "two", store, batch_size=4, steps=6, checkpoint_every=6)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "maecli", "pretrain", "-c", str(config), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)  # printed once, by rank 0
+    assert summary["world_size"] == 2 and summary["effective_batch"] == 8
+    one, two = final_weights(tmp_path / "one", 6), final_weights(tmp_path / "two", 6)
+    for k in one:
+        a, b = one[k], two[k]
+        if k.endswith("attn.qkv.bias"):
+            # The key bias shifts a whole row of attention logits, which softmax ignores: its true gradient is 0,
+            # its float gradient is rounding noise, and Adam scales noise up to lr-sized steps. Compare q and v only.
+            d = a.shape[0] // 3
+            a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"{k} differs between 1 and 2 processes")
+    assert any(not torch.equal(one[k], MaskedAutoencoder(**TINY).state_dict()[k]) for k in one), "nothing trained"
+
+
+@pytest.mark.parametrize("fmt", ["maecli", "official", "official-encoder-only", "hf"])
+def test_init_from_each_format(runner, tmp_path, store, fmt):
+    torch.manual_seed(123)
+    source = MaskedAutoencoder(**TINY)
+    sd = source.state_dict()
+    arch = {**TINY, "norm_pix_loss": False}
+    if fmt == "maecli":
+        from maecli.checkpoint import save_weights
+
+        path = tmp_path / "init.safetensors"
+        save_weights(path, sd, arch)
+    elif fmt == "official":
+        save_official(path := tmp_path / "mae.pth", sd)
+    elif fmt == "official-encoder-only":
+        save_official(path := tmp_path / "mae_pretrain.pth", {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))})
+    else:
+        save_hf(path := tmp_path / "hf", sd, arch)
+    # one step at lr 0 (the first warmup step) leaves the weights exactly as loaded
+    result, summary = pretrain(runner, project(tmp_path, store, steps=1, warmup_steps=5, checkpoint_every=1, init_from=str(path)))
+    assert result.exit_code == 0, result.output
+    assert summary["notes"][0].startswith(f"initialized from {path}")
+    loaded = final_weights(tmp_path, 1)
+    encoder = [k for k in sd if not k.startswith(("decoder", "mask_token"))]
+    assert all(torch.equal(loaded[k], sd[k]) for k in encoder)
+    decoder_same = all(torch.equal(loaded[k], sd[k]) for k in sd if k not in encoder)
+    assert decoder_same == (fmt != "official-encoder-only")
+    assert ("encoder only" in summary["notes"][0]) == (fmt == "official-encoder-only")
+
+
+def test_init_from_another_shape_is_refused(runner, tmp_path, store):
+    from maecli.checkpoint import save_weights
+
+    save_weights(tmp_path / "big.safetensors", MaskedAutoencoder(**{**TINY, "embed_dim": 64}).state_dict(), {**TINY, "embed_dim": 64, "norm_pix_loss": False})
+    result, _ = pretrain(runner, project(tmp_path, store, init_from="big.safetensors"))
+    assert result.exit_code == 2
+    assert result.stderr == f"{tmp_path / 'big.safetensors'}: init_from has another model shape: model.embed_dim is 64 there, 32 in the config\n"
+
+
+def test_changing_the_model_on_resume_is_refused(runner, tmp_path, store):
+    config = project(tmp_path, store, steps=4, checkpoint_every=2)
+    assert pretrain(runner, config)[0].exit_code == 0
+    result = runner.invoke(app, ["pretrain", "-c", str(config), "--set", "pretrain.steps=8", "--set", "model.depth=3"])
+    assert result.exit_code == 2
+    assert result.stderr == (f"{tmp_path / 'runs' / 'pretrain'}: this run was trained with another model shape (use --restart to start over, "
+                             "or another pretrain.run): model.depth is 2 there, 3 in the config\n")
+    result, summary = pretrain(runner, config, "--set", "pretrain.steps=8", "--set", "model.depth=3", "--restart")
+    assert result.exit_code == 0 and summary["steps_this_run"] == 8 and not summary["notes"]
+
+
+def test_non_finite_loss_stops_with_the_step_named(runner, tmp_path, store):
+    result, _ = pretrain(runner, project(tmp_path, store, steps=30, warmup_steps=0, lr=1e30, checkpoint_every=1, keep_last=30))
+    assert result.exit_code == 1
+    line = result.stderr.strip().splitlines()[-1]
+    ckpts = sorted((tmp_path / "runs" / "pretrain" / "checkpoints").glob("*.safetensors"))
+    bad_step = int(line.split("from step ")[1].split(";")[0])
+    assert line == f"loss is nan (not finite) from step {bad_step}; stopped, the last good checkpoint is {ckpts[-1]}"
+    assert int(ckpts[-1].name[5:13]) == bad_step - 1  # every checkpoint was written before the loss went bad
+    assert "Traceback" not in result.output
+    assert all(torch.isfinite(t).all() for t in read_weights(ckpts[-1])[0].values())  # intact and loadable
+
+
+def test_checkpoint_gives_the_same_outputs_in_a_fresh_process(runner, tmp_path, store):
+    assert pretrain(runner, project(tmp_path, store, steps=3, checkpoint_every=3))[0].exit_code == 0
+    path = tmp_path / "runs" / "pretrain" / "checkpoints" / "step-00000003.safetensors"
+    code = (
+        "import sys, torch; from maecli.checkpoint import load_model\n"
+        "model, _ = load_model(sys.argv[1]); g = torch.Generator().manual_seed(0)\n"
+        "x, noise = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 16, generator=g)\n"
+        "loss, pred, mask = model(x, noise=noise); torch.save({'loss': loss, 'pred': pred}, sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out.pt")], check=True)
+    theirs = torch.load(tmp_path / "out.pt", weights_only=True)
+    from maecli.checkpoint import load_model
+
+    model, _ = load_model(path)
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 16, generator=g)
+    loss, pred, _ = model(x, noise=noise)
+    assert torch.equal(pred, theirs["pred"]) and torch.equal(loss, theirs["loss"])
+
+
+def test_too_small_store_and_missing_store(runner, tmp_path, store):
+    result, _ = pretrain(runner, project(tmp_path, store, batch_size=4096))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"pretrain.batch_size: the train split of {store} has ")
+    (tmp_path / "empty").mkdir()
+    result, _ = pretrain(runner, project(tmp_path / "empty", tmp_path / "nostore"))
+    assert result.exit_code == 2 and "not a frame store" in result.stderr
