@@ -9,7 +9,6 @@ A maecli weights file is a safetensors file whose metadata holds `format = "maec
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from maecli.errors import CheckpointError, ConfigError
+from maecli.files import atomic_write, write_json
 from maecli.model import MaskedAutoencoder, to_2tuple
 
 FORMAT_VERSION = "1"
 StateDict = dict[str, torch.Tensor]
-
-
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling of `path`; write to it, then `os.replace(tmp, path)`, so readers never see half a file."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 # --- maecli safetensors -------------------------------------------------------------------------
@@ -36,9 +31,8 @@ def save_weights(path: Path, state_dict: StateDict, arch: dict[str, Any], metada
     path = Path(path)
     meta = {"format": "maecli", "format_version": FORMAT_VERSION, "arch": json.dumps(arch), **(metadata or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    tmp = atomic_path(path)
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -79,9 +73,8 @@ def _read_official(path: Path) -> StateDict:
 
 def save_official(path: Path, state_dict: StateDict) -> None:
     """The official MAE layout, `{"model": state_dict}`, for users of facebookresearch/mae."""
-    tmp = atomic_path(Path(path))
-    torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
 
 
 # --- Hugging Face ViTMAE folders ----------------------------------------------------------------
@@ -208,14 +201,9 @@ def save_hf(folder: Path, state_dict: StateDict, arch: dict[str, Any]) -> None:
     """A folder that `ViTMAEForPreTraining.from_pretrained(folder)` loads (transformers 4.x and 5.x)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "config.json"
-    tmp = atomic_path(config)
-    tmp.write_text(json.dumps(arch_to_hf_config(arch), indent=2) + "\n")
-    os.replace(tmp, config)
-    weights = folder / "model.safetensors"
-    tmp = atomic_path(weights)
-    save_file({k: v.detach().contiguous().cpu() for k, v in mae_to_hf(state_dict).items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, weights)
+    write_json(folder / "config.json", arch_to_hf_config(arch))
+    with atomic_write(folder / "model.safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in mae_to_hf(state_dict).items()}, tmp, metadata={"format": "pt"})
 
 
 def _read_hf(folder: Path) -> tuple[StateDict, dict[str, Any]]:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from maecli.errors import ConfigError
+from maecli.files import write_text
 
 CONFIG_NAME = "maecli.toml"
 
@@ -384,7 +385,5 @@ def write_template(directory: Path, force: bool = False) -> Path:
     if path.exists() and not force:
         raise ConfigError(f"{path}: already exists (use --force to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(template(), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, template())
     return path

@@ -22,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from maecli.config import ExtractConfig
 from maecli.errors import ConfigError, MaecliError
-from maecli.store import FrameStore, ShardWriter, clear_video, done_fingerprints, fingerprint, open_for_writing, write_json, write_record
+from maecli.files import write_json
+from maecli.store import FrameStore, ShardWriter, clear_video, done_fingerprints, fingerprint, open_for_writing, write_record
 from maecli.video import VIDEO_EXTENSIONS, VideoError, grey_thumbnail, sample_frames, to_rgb
 
 

@@ -12,13 +12,13 @@ temporary name and renamed.
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from maecli.errors import ConfigError, MaecliError
+from maecli.files import atomic_write, write_json
 
 FORMAT = "maecli-frames"
 FORMAT_VERSION = 1
@@ -33,18 +33,6 @@ def fingerprint(path: Path, chunk: int = 1 << 20) -> str:
             f.seek(offset)
             h.update(f.read(chunk))
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any, compact: bool = False) -> None:
-    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2)
-    _write_atomic(path, (text + "\n").encode())
 
 
 def open_for_writing(root: Path, settings: dict[str, Any]) -> None:
@@ -107,11 +95,8 @@ class ShardWriter:
 
     def _flush(self) -> None:
         name = f"{self.fp}-{len(self.shards):05d}.npy"
-        path = self.root / "shards" / name
-        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_write(self.root / "shards" / name) as tmp, open(tmp, "wb") as f:
             np.save(f, self.buffer[: self.count])
-        os.replace(tmp, path)
         self.shards.append([name, self.count])
         self.count = 0
 

@@ -26,12 +26,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from maecli import __version__
-from maecli.checkpoint import atomic_path, check_same_arch, load_state, read_weights, save_weights
+from maecli.checkpoint import canonical_arch, check_same_arch, load_state, read_weights, save_weights
 from maecli.config import MaecliConfig, dump_toml
 from maecli.data import Loader, Plan, augment, full_frame
 from maecli.errors import ConfigError, MaecliError
 from maecli.model import MaskedAutoencoder
-from maecli.store import FrameStore, write_json
+from maecli.files import atomic_write, write_json, write_text
+from maecli.store import FrameStore
 from maecli.visualize import save_reconstructions
 
 
@@ -76,9 +77,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: MaskedAutoencoder, optimiz
                     arch: dict[str, Any], keep_last: int) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = ckpt_dir / f"step-{step:08d}.state.pt"
-    tmp = atomic_path(state)
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp)
-    os.replace(tmp, state)
+    with atomic_write(state) as tmp:
+        torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp)
     weights = ckpt_dir / f"step-{step:08d}.safetensors"
     meta = {"step": str(step), "config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__}
     save_weights(weights, model.state_dict(), arch, meta)
@@ -132,7 +132,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     eff_batch = pc.batch_size * world * pc.accum_iter
     peak_lr = pc.lr or pc.blr * eff_batch / 256
 
-    arch = {**mc.mae_kwargs, "img_size": list(mc.img_size)}
+    arch = canonical_arch(mc.mae_kwargs)
     torch.manual_seed(cfg.project.seed)
     raw = MaskedAutoencoder(**mc.mae_kwargs).to(device)
     optimizer = torch.optim.AdamW(param_groups(raw, pc.weight_decay), lr=peak_lr, betas=(0.9, 0.95), fused=True)
@@ -169,7 +169,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(dump_toml(cfg))
+        write_text(run_dir / "config.toml", dump_toml(cfg))
         metrics_path = run_dir / "metrics.jsonl"
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] if metrics_path.exists() else []
         metrics_path.write_text("".join(line + "\n" for line in kept))  # drop what a killed run logged past its checkpoint
@@ -308,7 +308,6 @@ def plot_loss(metrics: Path, path: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="loss (MSE on masked patches)", title=f"{title}: pretraining loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from maecli.data import IMAGENET_MEAN, IMAGENET_STD
+from maecli.files import atomic_write
 from maecli.model import MaskedAutoencoder
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -77,8 +78,6 @@ def save_reconstructions(model: MaskedAutoencoder, imgs: torch.Tensor, mask_rati
                          title: str, stats: str = "visible") -> Path:
     columns = reconstruct(model, imgs, mask_ratio, noise, stats)
     label = f"{title} | mask ratio {mask_ratio:g}" + (f" | {STATS_LABELS[stats]}" if model.norm_pix_loss else "")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid_image(columns, label).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    with atomic_write(path) as tmp:
+        grid_image(columns, label).save(tmp, format="PNG")
+    return Path(path)
