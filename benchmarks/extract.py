@@ -7,7 +7,7 @@
 2. All clips: extraction with 1 and 2 worker processes.
 3. Frame store reads: random batches of 256 frames from one process, against what a training step of
    the default model (MAE ViT-B/16, 224 px) consumes on this CPU, and against what an H100 would
-   consume at 45% MFU (analytic FLOPs counted with torch's FlopCounterMode).
+   consume at 45% MFU (analytic FLOPs: `maecli.bench.analytic_flops`).
 """
 
 import argparse
@@ -78,27 +78,16 @@ def bench_reads(clips: list[Path], work: Path, batch: int = 256, reps: int = 20)
 
 
 def training_consumption() -> tuple[float, float]:
-    """Images/s of one MAE ViT-B/16 training step on this CPU (batch 8), and FLOPs per image for fwd + bwd."""
+    """Images/s of one MAE ViT-B/16 training step on this CPU (batch 8), and its analytic FLOPs per image (fwd + bwd)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from maecli.bench import analytic_flops, interleaved, train_step_fn
     from maecli.model import MaskedAutoencoder
 
-    model = MaskedAutoencoder(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    x = torch.randn(8, 3, 224, 224)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x)[0].backward()
-    flops_per_image = counter.get_total_flops() / 8
-    steps = []
-    for _ in range(3):
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        model(x)[0].backward()
-        opt.step()
-        steps.append(time.perf_counter() - t)
-    return 8 / statistics.median(steps), flops_per_image
+    arch = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0)
+    step = train_step_fn(MaskedAutoencoder(**arch), torch.randn(8, 3, 224, 224), 0.75)
+    times = interleaved({"step": step}, 3, 1, torch.device("cpu"))["step"]
+    return 8 / statistics.median(times), analytic_flops(arch, 0.75)
 
 
 def main() -> None:
@@ -135,7 +124,7 @@ def main() -> None:
         print(f"| {'store read (get_batch)':<44} | {read_fps:>9.0f} | {'':>25} |")
         print(f"| {'MAE ViT-B/16 step on this CPU (batch 8)':<44} | {step_ips:>9.1f} | {read_fps / step_ips:>24.0f}x |")
         print(f"| {'MAE ViT-B/16 on an H100 at 45% MFU (analytic)':<44} | {h100:>9.0f} | {read_fps / h100:>24.1f}x |")
-        print(f"\n(ViT-B/16 MAE training: {flops / 1e9:.1f} GFLOP per image, forward + backward, counted by FlopCounterMode)")
+        print(f"\n(ViT-B/16 MAE training: {flops / 1e9:.1f} GFLOP per image, forward + backward, analytic)")
 
 
 if __name__ == "__main__":
