@@ -246,3 +246,13 @@ def test_too_small_store_and_missing_store(runner, tmp_path, store):
     (tmp_path / "empty").mkdir()
     result, _ = pretrain(runner, project(tmp_path / "empty", tmp_path / "nostore"))
     assert result.exit_code == 2 and "not a frame store" in result.stderr
+
+
+def test_wide_model_trains_from_square_frames(runner, tmp_path, store):
+    config = project(tmp_path, store, steps=3, checkpoint_every=3)
+    config.write_text(config.read_text().replace("img_size = 32", "img_size = [32, 64]"))
+    result, summary = pretrain(runner, config)
+    assert result.exit_code == 0, result.output
+    weights = final_weights(tmp_path, 3)
+    assert weights["pos_embed"].shape == (1, 1 + 4 * 8, 32)  # 4 x 8 patches
+    assert Path(summary["snapshot"]).stat().st_size > 0
