@@ -242,7 +242,7 @@ def read_weights(path: Path) -> tuple[StateDict, dict[str, Any] | None]:
     """Any supported weights as an official-keyed state dict, and the architecture when the file records one."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise ConfigError(f"{path}: no such file or folder")  # a wrong path is a usage mistake (exit 2); a bad file, a runtime one
     if path.is_dir():
         return _read_hf(path)
     if path.suffix == ".safetensors":
@@ -273,6 +273,22 @@ def load_state(model: MaskedAutoencoder, state_dict: StateDict, source: Path | s
         raise CheckpointError(f"{source}: unexpected key '{extra[0]}' ({len(extra)} unexpected in all)")
     model.load_state_dict(state_dict, strict=not missing)
     return missing
+
+
+def checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """Steps with a complete pretraining checkpoint pair (`step-N.state.pt` and `step-N.safetensors`), oldest first."""
+    steps = {int(p.name[5:-12]) for p in ckpt_dir.glob("step-*.safetensors")} if ckpt_dir.is_dir() else set()
+    return sorted(s for s in steps if (ckpt_dir / f"step-{s:08d}.state.pt").exists())
+
+
+def resolve_checkpoint(run_dir: Path, explicit: str | Path | None) -> Path:
+    """The weights a command uses: the one named, else the run folder's latest complete checkpoint."""
+    if explicit:
+        return Path(explicit)
+    steps = checkpoint_steps(run_dir / "checkpoints")
+    if not steps:
+        raise ConfigError(f"{run_dir}: no checkpoint yet (train with 'maecli pretrain', or name weights with --checkpoint)")
+    return run_dir / "checkpoints" / f"step-{steps[-1]:08d}.safetensors"
 
 
 def load_model(path: Path, arch: dict[str, Any] | None = None, *, encoder_only_ok: bool = False) -> tuple[MaskedAutoencoder, dict[str, Any]]:

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from maecli import __version__
 from maecli.config import CONFIG_NAME, MaecliConfig, dump_toml, load_config, write_template
-from maecli.errors import MaecliError
+from maecli.errors import ConfigError, MaecliError
 
 app = typer.Typer(
     name="maecli",
@@ -27,6 +27,8 @@ app = typer.Typer(
 console = Console(stderr=True, highlight=False)
 store_app = typer.Typer(help="Inspect frame stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+export_app = typer.Typer(help="Ship the encoder (timm or Hugging Face) and frozen-encoder features.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="The project file (or its folder).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a project-file value: section.key=value (repeatable).")]
@@ -192,3 +194,119 @@ def pretrain(
             f"loss curve: {summary['loss_curve']}",
             f"reconstructions: {summary['snapshot']}",
         ])  # fmt: skip
+
+
+CheckpointOpt = Annotated[str | None, typer.Option("--checkpoint", help="Weights to use: a maecli checkpoint, an official MAE .pth or a HF folder (default: the run's latest).")]
+
+
+@app.command()
+@reports_errors
+def visualize(
+    inputs: Annotated[list[str] | None, typer.Argument(help="Image files or one video (default: frames from the store's [visualize] split).")] = None,
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    checkpoint: CheckpointOpt = None,
+    mask_ratio: Annotated[float | None, typer.Option("--mask-ratio", help="Fraction of patches removed (default: [visualize] or the model's).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="The PNG to write (default: reconstructions.png in the run folder).")] = None,
+    video: Annotated[Path | None, typer.Option("--video", help="Render the input video side by side into this MP4 instead.")] = None,
+    start: Annotated[float, typer.Option("--start", help="Seconds into the video to begin.")] = 0.0,
+    end: Annotated[float, typer.Option("--end", help="Seconds into the video to stop (0: its end).")] = 0.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show what the model sees and fills in: original | masked | reconstruction | reconstruction + visible."""
+    from maecli.visualize import run_visualize
+
+    cfg = load_config(config, set_ or [])
+    summary = run_visualize(cfg, [str(Path(i).absolute()) for i in inputs or []], checkpoint=checkpoint, mask_ratio=mask_ratio, out=out,
+                            video_out=video, start=start, end=end)
+    if json_out:
+        print_json(summary)
+    else:
+        what = f"{summary['image']} ({summary['rows']} rows)" if "image" in summary else f"{summary['video']} ({summary['frames']} frames at {summary['fps']:g} fps)"
+        stats = f", {summary['stats']}-patch statistics" if summary["stats"] else ""
+        print_lines(summary["notes"] + [f"wrote {what}: mask ratio {summary['mask_ratio']:g}{stats}, weights {summary['checkpoint']}"])
+
+
+OutOpt = Annotated[str | None, typer.Option("--out", help="Output folder (default: [export] out, else export/ in the run folder).")]
+
+
+@export_app.command("encoder")
+@reports_errors
+def export_encoder(
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    checkpoint: CheckpointOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="timm: encoder.safetensors + encoder.json; hf: a Hugging Face ViTMAE folder.")] = "timm",
+    out: OutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write the encoder as timm-loadable safetensors (or a Hugging Face ViTMAE folder)."""
+    from maecli.export import export_encoder as run_export
+
+    if fmt not in ("timm", "hf"):
+        raise ConfigError(f"--format: must be 'timm' or 'hf' (got {fmt!r})")
+    summary = run_export(load_config(config, set_ or []), checkpoint=checkpoint, fmt=fmt, out=out)
+    if json_out:
+        print_json(summary)
+    else:
+        print_lines([f"wrote {summary['path']} (from {summary['checkpoint']})", f"load it with: {summary['snippet']}"])
+
+
+@export_app.command("features")
+@reports_errors
+def export_features(
+    inputs: Annotated[list[str] | None, typer.Argument(help="Image files or folders (class = sub-folder), or one video (default: the store).")] = None,
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    checkpoint: CheckpointOpt = None,
+    out: OutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Embed frames or images with the frozen encoder into features.safetensors plus a provenance index."""
+    from maecli.export import export_features as run_export
+
+    summary = run_export(load_config(config, set_ or []), [str(Path(i).absolute()) for i in inputs or []], checkpoint=checkpoint, out=out, console=console)
+    if json_out:
+        print_json(summary)
+    else:
+        shape = "x".join(map(str, summary["shape"]))
+        print_lines(summary["notes"] + [f"wrote {summary['path']}: {shape} {summary['dtype']} ({summary['pool']} pooling, from the {summary['source']})",
+                                        f"index: {summary['index']}"])
+
+
+@app.command()
+@reports_errors
+def probe(
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    checkpoint: CheckpointOpt = None,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="'random': also probe a randomly initialised encoder of the same shape.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Linear-probe and k-NN accuracy of the frozen encoder on a labeled image folder ([probe] train / val)."""
+    from rich.table import Table
+
+    from maecli.probe import run_probe
+
+    if baseline not in (None, "random"):
+        raise ConfigError(f"--baseline: the only baseline is 'random' (got {baseline!r})")
+    report = run_probe(load_config(config, set_ or []), checkpoint=checkpoint, baseline=baseline)
+    if json_out:
+        print_json(report)
+        return
+    print_lines(report["notes"])
+    table = Table(title=f"{len(report['classes'])} classes, {report['train_images']} train / {report['val_images']} val images, {report['pool']} token")
+    table.add_column("encoder")
+    for method in ("linear", "knn"):
+        table.add_column(f"{'linear probe' if method == 'linear' else 'k-NN (k=' + str(report['k']) + ')'} top-1", justify="right")
+        if len(report["classes"]) > 5:
+            table.add_column("top-5", justify="right")
+    for name, result in report["results"].items():
+        cells = []
+        for method in ("linear", "knn"):
+            cells.append(f"{100 * result[method]['top1']:.1f}%")
+            if "top5" in result[method]:
+                cells.append(f"{100 * result[method]['top5']:.1f}%")
+        table.add_row(name, *cells)
+    console.print(table)
+    print_lines([f"report: {report['report']}", f"confusion matrix: {report['results']['pretrained']['confusion_png']}"])

@@ -38,6 +38,11 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return Path(os.path.normpath(Path(root) / value))
 
 
+def _resolve_optional(value: str, info: ValidationInfo) -> str:
+    """An optional path ("" for none), resolved against the project file's folder."""
+    return str(_resolve_path(Path(value), info)) if value else value
+
+
 def _square(value: Any) -> Any:
     return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
 
@@ -195,10 +200,7 @@ class PretrainConfig(Section):
             raise ValueError(f"must be [low, high] with 0 < low <= high <= 1 (got {list(value)})")
         return value
 
-    @field_validator("init_from")
-    @classmethod
-    def _resolve_init_from(cls, value: str, info: ValidationInfo) -> str:
-        return str(_resolve_path(Path(value), info)) if value else value
+    _resolve_init_from = field_validator("init_from")(_resolve_optional)
 
     @model_validator(mode="after")
     def _has_length(self) -> "PretrainConfig":
@@ -207,11 +209,59 @@ class PretrainConfig(Section):
         return self
 
 
+class VisualizeConfig(Section):
+    """Reconstruction pictures and clips from a checkpoint."""
+
+    checkpoint: str = Field("", description="Weights to show (default: the pretraining run's latest checkpoint).")
+    split: Literal["val", "train"] = Field("val", description="Store frames to show when no image or video is given.")
+    num_images: int = Field(8, gt=0, description="Rows in the picture: frames or images shown.")
+    mask_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of patches removed (0: the model's mask_ratio).")
+    stats: Literal["visible", "target"] = Field(
+        "visible", description="norm_pix_loss models: de-normalize with the visible patches' statistics, or the true target's (leaks information)."
+    )
+    fps: float = Field(5.0, gt=0, description="Frames per second taken from a video input (pictures and clips).")
+
+    _resolve_checkpoint = field_validator("checkpoint")(_resolve_optional)
+
+
+class ExportConfig(Section):
+    """Encoder weights for timm or Hugging Face, and frozen-encoder features."""
+
+    checkpoint: str = Field("", description="Weights to export (default: the pretraining run's latest checkpoint).")
+    out: str = Field("", description="Output folder (default: export/ in the pretraining run folder).")
+    pool: Literal["cls", "mean", "patch"] = Field("cls", description="Features: the class token, the mean of the patch tokens, or every patch token.")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Feature precision on disk.")
+    batch_size: int = Field(256, gt=0, description="Images per forward pass.")
+    split: Literal["all", "train", "val"] = Field("all", description="Store frames to embed when no images or video are given.")
+
+    _resolve_paths = field_validator("checkpoint", "out")(_resolve_optional)
+
+
+class ProbeConfig(Section):
+    """Linear probe and k-NN on a labeled image folder (one sub-folder per class), frozen encoder."""
+
+    train: str = Field("", description="Labeled training images, one folder per class.")
+    val: str = Field("", description="Labeled validation images (default: a stratified val_fraction of train).")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each class held out when there is no val folder.")
+    checkpoint: str = Field("", description="Encoder to probe (default: the pretraining run's latest checkpoint).")
+    pool: Literal["cls", "mean"] = Field("cls", description="Feature: the class token (the MAE protocol) or the mean of the patch tokens.")
+    epochs: int = Field(100, gt=0, description="Linear-probe epochs over the cached features.")
+    lr: float = Field(1e-3, gt=0, description="Linear-probe AdamW learning rate (cosine to 0, no weight decay).")
+    batch_size: int = Field(256, gt=0, description="Linear-probe batch size.")
+    k: int = Field(20, gt=0, description="Neighbours of the weighted k-NN classifier (cosine similarity).")
+    temperature: float = Field(0.07, gt=0, description="k-NN vote weights: exp(similarity / temperature).")
+
+    _resolve_paths = field_validator("train", "val", "checkpoint")(_resolve_optional)
+
+
 class MaecliConfig(Section):
     project: ProjectConfig = Field(default_factory=dict)
     model: ModelConfig = Field(default_factory=dict)
     extract: ExtractConfig = Field(default_factory=dict)
     pretrain: PretrainConfig = Field(default_factory=dict)
+    visualize: VisualizeConfig = Field(default_factory=dict)
+    export: ExportConfig = Field(default_factory=dict)
+    probe: ProbeConfig = Field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:

@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,9 +85,18 @@ def step_randomness(plan: Plan, micro_step: int, frame_hw: tuple[int, int], out_
     return theta[s], noise[s]
 
 
-def full_frame(n: int) -> torch.Tensor:
-    """The identity crop: (n, 2, 3), the whole frame resized, no flip."""
-    return torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3).contiguous()
+def center_crop(n: int, frame_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+    """The largest centered crop with the output's aspect ratio, no flip: (n, 2, 3). The whole frame when aspects match."""
+    a_frame, a_out = frame_hw[1] / frame_hw[0], out_hw[1] / out_hw[0]  # width / height
+    sx, sy = (a_out / a_frame, 1.0) if a_frame > a_out else (1.0, a_frame / a_out)
+    return torch.tensor([[sx, 0.0, 0.0], [0.0, sy, 0.0]]).expand(n, 2, 3).contiguous()
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1], (B, 3, H, W) -> ImageNet-normalized model input."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def augment(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -94,9 +104,36 @@ def augment(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) 
     x = frames.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, H, W)
     grid = F.affine_grid(theta.to(x.device), [x.shape[0], 3, *out_hw], align_corners=False)  # (B, h, w, 2)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, 3, h, w)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(x)
+
+
+def to_input(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (B, h, w, 3) already at the model's size -> normalized (B, 3, h, w)."""
+    return normalize(frames.permute(0, 3, 1, 2).float().div_(255))
+
+
+# --- labeled and unlabeled image files ----------------------------------------------------------
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif"}
+
+
+def list_images(folder: Path) -> list[tuple[Path, str]]:
+    """Image files under `folder` (recursively, sorted) with their class: the first sub-folder's name ("" at the top)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return [(p, p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else "") for p in files]
+
+
+def read_image(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image as uint8 RGB (h, w, 3) at `size`: centered crop to the aspect ratio, antialiased resize (PIL).
+    Returns it with the original (height, width). Raises OSError (or PIL's UnidentifiedImageError) if unreadable."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        original = (img.height, img.width)
+        fitted = ImageOps.fit(img, (size[1], size[0]), method=Image.BICUBIC) if original != tuple(size) else img
+        return np.asarray(fitted, dtype=np.uint8), original
 
 
 class Loader:

@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from maecli import __version__
-from maecli.checkpoint import canonical_arch, check_same_arch, load_state, read_weights, save_weights
+from maecli.checkpoint import canonical_arch, check_same_arch, checkpoint_steps, load_state, read_weights, save_weights
 from maecli.config import MaecliConfig, dump_toml
-from maecli.data import Loader, Plan, augment, full_frame
+from maecli.data import Loader, Plan, augment, center_crop
 from maecli.errors import ConfigError, MaecliError
 from maecli.model import MaskedAutoencoder
 from maecli.files import atomic_write, write_json, write_text
@@ -65,12 +65,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-
-
-def checkpoint_steps(ckpt_dir: Path) -> list[int]:
-    """Steps with a complete checkpoint pair, oldest first."""
-    steps = {int(p.name[5:-12]) for p in ckpt_dir.glob("step-*.safetensors")} if ckpt_dir.is_dir() else set()
-    return sorted(s for s in steps if (ckpt_dir / f"step-{s:08d}.state.pt").exists())
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, cfg: MaecliConfig,
@@ -285,7 +279,7 @@ def snapshot_batch(cfg: MaecliConfig, num_patches: int, device: torch.device, n:
         store = FrameStore(cfg.extract.store, split="train")
     idx = np.linspace(0, len(store) - 1, min(n, len(store))).round().astype(int)
     frames = torch.from_numpy(store.get_batch(idx)).to(device)
-    imgs = augment(frames, full_frame(len(idx)), cfg.model.img_size)
+    imgs = augment(frames, center_crop(len(idx), store.size, cfg.model.img_size), cfg.model.img_size)
     noise = torch.from_numpy(np.random.default_rng([cfg.project.seed, 2]).random((len(idx), num_patches), dtype=np.float32)).to(device)
     return imgs, noise
 

@@ -6,15 +6,23 @@ default) uses the mean and variance of the image's visible patches for every pat
 picture says which statistics were used.
 """
 
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
+import av
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from maecli.data import IMAGENET_MEAN, IMAGENET_STD
+from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
+from maecli.config import MaecliConfig
+from maecli.data import IMAGENET_MEAN, IMAGENET_STD, augment, center_crop, read_image, to_input
+from maecli.errors import ConfigError, MaecliError
 from maecli.files import atomic_write
 from maecli.model import MaskedAutoencoder
+from maecli.store import FrameStore
+from maecli.video import VIDEO_EXTENSIONS, VideoError, sample_frames, to_rgb
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 STATS_LABELS = {"visible": "patch statistics: visible patches only", "target": "patch statistics: true target (leaks information)"}
@@ -81,3 +89,100 @@ def save_reconstructions(model: MaskedAutoencoder, imgs: torch.Tensor, mask_rati
     with atomic_write(path) as tmp:
         grid_image(columns, label).save(tmp, format="PNG")
     return Path(path)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def load_frames(cfg: MaecliConfig, inputs: list[str], n: int, start: float, end: float, size: tuple[int, int], device: torch.device,
+                notes: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """What to show, as model input (N, 3, h, w) with one label per row: store frames (no inputs), a video's frames
+    (sampled at [visualize] fps within start/end), or image files. `n` caps the rows (0: every sampled frame)."""
+    if not inputs:
+        store = FrameStore(cfg.extract.store, split=cfg.visualize.split)
+        if len(store) == 0:
+            raise ConfigError(f"{cfg.extract.store}: the {cfg.visualize.split} split is empty (set visualize.split, or pass images or a video)")
+        idx = np.linspace(0, len(store) - 1, min(n or len(store), len(store))).round().astype(int)
+        frames = torch.from_numpy(store.get_batch(idx)).to(device)
+        labels = [f"{Path(p['source']).name} @ {p['time']:.1f} s" for p in map(store.provenance, idx.tolist())]
+        return augment(frames, center_crop(len(idx), store.size, size), size), labels
+    videos = [Path(i) for i in inputs if Path(i).suffix.lower() in VIDEO_EXTENSIONS]
+    if videos:
+        if len(videos) != len(inputs) or len(videos) > 1:
+            raise ConfigError("visualize: give one video, or image files, not both")
+        try:
+            sampled = [(t, to_rgb(f, size, "crop")) for _, t, f in sample_frames(videos[0], fps=cfg.visualize.fps, every_n=0, start=start, end=end)]
+        except VideoError as err:
+            raise MaecliError(f"{videos[0]}: {err}") from None
+        if n and len(sampled) > n:
+            sampled = [sampled[i] for i in np.linspace(0, len(sampled) - 1, n).round().astype(int)]
+        frames = torch.from_numpy(np.stack([rgb for _, rgb in sampled])).to(device)
+        return to_input(frames), [f"{videos[0].name} @ {t:.1f} s" for t, _ in sampled]
+    images, labels = [], []
+    for path in map(Path, inputs[: n or None]):
+        try:
+            rgb, original = read_image(path, size)
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            notes.append(f"skipped {path}: not a readable image ({type(err).__name__})")
+            continue
+        if original != tuple(size):
+            notes.append(f"{path.name}: resized from {original[0]}x{original[1]} to {size[0]}x{size[1]}")
+        images.append(rgb)
+        labels.append(path.name)
+    if not images:
+        raise MaecliError("visualize: none of the images could be read")
+    return to_input(torch.from_numpy(np.stack(images)).to(device)), labels
+
+
+def fixed_noise(seed: int, n: int, num_patches: int, device: torch.device) -> torch.Tensor:
+    """The same masks for the same seed: (n, L) in [0, 1)."""
+    return torch.from_numpy(np.random.default_rng([seed, 3]).random((n, num_patches), dtype=np.float32)).to(device)
+
+
+def write_clip(path: Path, frames: np.ndarray, fps: float) -> None:
+    """uint8 (T, H, W, 3) -> an H.264 MP4 written with PyAV (even sizes: yuv420p)."""
+    T, H, W, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
+    with atomic_write(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.thread_count = 1  # x264's output depends on its thread count: one thread, the same bytes everywhere
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def run_visualize(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | None = None, mask_ratio: float | None = None,
+                  out: Path | None = None, video_out: Path | None = None, start: float = 0.0, end: float = 0.0) -> dict[str, Any]:
+    vc = cfg.visualize
+    path = resolve_checkpoint(cfg.run_dir, checkpoint or vc.checkpoint)
+    model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    ratio = mask_ratio if mask_ratio is not None else (vc.mask_ratio or cfg.model.mask_ratio)
+    if not 0 <= ratio < 1:
+        raise ConfigError(f"--mask-ratio: must be at least 0 and less than 1 (got {ratio})")
+    notes: list[str] = []
+    summary: dict[str, Any] = dict(checkpoint=str(path), mask_ratio=ratio, stats=vc.stats if model.norm_pix_loss else None, notes=notes)
+    size = model.img_size
+    if video_out is None:
+        imgs, labels = load_frames(cfg, inputs, vc.num_images, start, end, size, device, notes)
+        noise = fixed_noise(cfg.project.seed, len(imgs), model.num_patches, device)
+        out = Path(out) if out else cfg.run_dir / "reconstructions.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_reconstructions(model, imgs, ratio, noise, out, f"{path.name}: {', '.join(labels[:3])}{' ...' if len(labels) > 3 else ''}", vc.stats)
+        return {**summary, "image": str(out), "rows": len(imgs)}
+    if not inputs or Path(inputs[0]).suffix.lower() not in VIDEO_EXTENSIONS:
+        raise ConfigError("--video: needs a video file as input (with --start/--end for a time range)")
+    imgs, labels = load_frames(cfg, inputs, 0, start, end, size, device, notes)
+    noise = fixed_noise(cfg.project.seed, 1, model.num_patches, device)  # one mask for the whole clip: watch the same holes fill
+    rows = []
+    for batch in imgs.split(32):
+        cols = reconstruct(model, batch, ratio, noise.expand(len(batch), -1), vc.stats)
+        side = torch.cat([cols["original"], cols["masked"], cols["reconstruction + visible"]], dim=3)  # (B, 3, h, 3w)
+        rows.append((side.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
+    frames = np.concatenate(rows)  # (T, h, 3w, 3)
+    write_clip(Path(video_out), frames, vc.fps)
+    return {**summary, "video": str(video_out), "frames": len(frames), "fps": vc.fps, "columns": ["original", "masked", "reconstruction + visible"]}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maecli.checkpoint import hf_to_mae, load_model, load_state, mae_to_hf, read_metadata, read_weights, save_hf, save_official, save_weights
-from maecli.errors import CheckpointError
+from maecli.errors import CheckpointError, ConfigError
 from tests.conftest import TINY
 
 ARCH = {**TINY, "norm_pix_loss": False}
@@ -127,7 +127,7 @@ def test_unreadable_files(tmp_path, name, content, message):
 
 
 def test_missing_path_and_incomplete_hf_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="nope.safetensors: no such file or folder"):
+    with pytest.raises(ConfigError, match="nope.safetensors: no such file or folder"):  # a wrong path: exit 2
         read_weights(tmp_path / "nope.safetensors")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")

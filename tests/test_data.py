@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from maecli.data import Plan, augment, crop_boxes, full_frame, step_randomness
+from maecli.data import Plan, augment, center_crop, crop_boxes, step_randomness, to_input
 
 
 def test_ranks_split_one_global_batch_and_epochs_cover_the_split():
@@ -35,9 +35,19 @@ def test_crop_boxes_respect_scale_aspect_and_frame():
 
 def test_identity_crop_reproduces_the_frame():
     frames = torch.randint(0, 256, (2, 16, 24, 3), dtype=torch.uint8)
-    out = augment(frames, full_frame(2), (16, 24))  # same size, whole frame: pixels come back exactly (normalized)
+    out = augment(frames, center_crop(2, (16, 24), (16, 24)), (16, 24))  # same size and aspect: the frame itself
+    torch.testing.assert_close(out, to_input(frames), rtol=0, atol=1e-5)
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(out * std + mean, frames.permute(0, 3, 1, 2).float() / 255, rtol=0, atol=1e-5)
-    flipped = full_frame(2)
+    flipped = center_crop(2, (16, 24), (16, 24))
     flipped[:, 0, 0] = -1
     torch.testing.assert_close(augment(frames, flipped, (16, 24)), out.flip(-1), rtol=0, atol=1e-5)
+
+
+def test_center_crop_keeps_the_middle():
+    frames = torch.zeros(1, 8, 32, 3, dtype=torch.uint8)
+    frames[:, :, 12:20] = 255  # a white middle quarter of a 4:1 frame
+    out = augment(frames, center_crop(1, (8, 32), (8, 8)), (8, 8))  # square crop of the middle: 8 of 32 columns
+    assert (out > 2).all()  # all white after normalization
+    tall = augment(frames.transpose(1, 2).contiguous(), center_crop(1, (32, 8), (8, 8)), (8, 8))  # same for a 1:4 frame
+    assert (tall > 2).all()

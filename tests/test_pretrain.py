@@ -22,20 +22,6 @@ from tests.videos import frame_image, write_video
 MODEL = {**TINY, "preset": "vit_tiny"}
 
 
-@pytest.fixture(scope="session")
-def store(tmp_path_factory):
-    """A 32x32 frame store of ~120 frames from four generated clips."""
-    from typer.testing import CliRunner
-
-    d = tmp_path_factory.mktemp("store")
-    for i in range(4):
-        write_video(d / f"v{i}.mp4", images=[frame_image(11 * i + j, 48, 64) for j in range(30)], fps=10)
-    (d / "maecli.toml").write_text('[extract]\nstore = "frames"\nsize = [32, 32]\nfps = 10\nworkers = 1\nval_fraction = 0.3\n')
-    result = CliRunner().invoke(app, ["extract", "-c", str(d / "maecli.toml"), str(d)])
-    assert result.exit_code == 0, result.output
-    return d / "frames"
-
-
 def project(folder: Path, store: Path, **pretrain) -> Path:
     settings = {**dict(batch_size=8, steps=20, warmup_steps=2, lr=1e-3, checkpoint_every=10, log_every=1), **pretrain}
     text = "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in MODEL.items())

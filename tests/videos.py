@@ -23,6 +23,7 @@ def write_video(path: Path, n: int = 90, fps: int = 30, h: int = 48, w: int = 64
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.thread_count = 1  # encoders' output depends on their thread count: fixed, so test videos are identical everywhere
         if times_ms is not None:
             s.codec_context.time_base = Fraction(1, 1000)
         frames = images if images is not None else [frame_image(i, h, w) for i in range(len(times_ms) if times_ms else n)]

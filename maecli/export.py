@@ -1,0 +1,185 @@
+"""`maecli export`: the encoder for timm or Hugging Face, and frozen-encoder features for a store, images or a video.
+
+Encoder weights keep the official MAE / timm key names (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
+`blocks.N.*`, `norm.*`), so `timm.create_model(name, num_classes=0, pretrained=True,
+pretrained_cfg_overlay=dict(file=...))` loads them strictly. Features are written in chunks that a
+rerun skips, then joined into one `.safetensors` with an index of every row's provenance.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint, save_hf
+from maecli.config import MaecliConfig
+from maecli.data import augment, center_crop, list_images, read_image, to_input
+from maecli.errors import ConfigError, MaecliError
+from maecli.files import atomic_write, write_json
+from maecli.model import MaskedAutoencoder
+from maecli.store import FrameStore
+from maecli.video import VIDEO_EXTENSIONS, VideoError, sample_frames, to_rgb
+
+TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large", (1280, 32, 16): "huge"}
+
+
+def encoder_state_dict(model: MaskedAutoencoder) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+
+
+def timm_spec(arch: dict[str, Any]) -> dict[str, Any]:
+    """How timm builds this encoder: a registered model name when one has these sizes, and the keyword arguments."""
+    import timm
+
+    arch = canonical_arch(arch)
+    kwargs = dict(img_size=arch["img_size"], patch_size=arch["patch_size"], embed_dim=arch["embed_dim"], depth=arch["depth"],
+                  num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"], qkv_bias=True, class_token=True, global_pool="token", num_classes=0)
+    size = TIMM_SIZES.get((arch["embed_dim"], arch["depth"], arch["num_heads"]))
+    name = f"vit_{size}_patch{arch['patch_size']}_224" if size and arch["mlp_ratio"] == 4.0 else None
+    return {"timm_model": name if name and timm.is_model(name) else None, "kwargs": kwargs}
+
+
+def load_snippet(spec: dict[str, Any], weights: Path) -> str:
+    if spec["timm_model"]:
+        size = "" if spec["kwargs"]["img_size"] == [224, 224] else f", img_size={tuple(spec['kwargs']['img_size'])}"
+        return (f"timm.create_model({spec['timm_model']!r}, num_classes=0{size}, pretrained=True, "
+                f"pretrained_cfg_overlay=dict(file={str(weights)!r}))")
+    kwargs = {**spec["kwargs"], "img_size": tuple(spec["kwargs"]["img_size"])}
+    return (f"m = timm.models.VisionTransformer(**{kwargs!r}); "
+            f"m.load_state_dict(safetensors.torch.load_file({str(weights)!r}))")
+
+
+def export_encoder(cfg: MaecliConfig, *, checkpoint: str | None, fmt: str, out: str | None) -> dict[str, Any]:
+    path = resolve_checkpoint(cfg.run_dir, checkpoint or cfg.export.checkpoint)
+    model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs))
+    folder = Path(out or cfg.export.out or cfg.run_dir / "export")
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        save_hf(folder / "hf", model.state_dict(), arch)
+        target = folder / "hf"
+        snippet = f"transformers.ViTMAEForPreTraining.from_pretrained({str(target)!r})  # or ViTMAEModel for the encoder"
+        return dict(format="hf", checkpoint=str(path), path=str(target), snippet=snippet)
+    weights = folder / "encoder.safetensors"
+    spec = timm_spec(arch)
+    with atomic_write(weights) as tmp:
+        save_file({k: v.contiguous() for k, v in encoder_state_dict(model).items()}, tmp, metadata={"format": "pt", "source": str(path)})
+    write_json(folder / "encoder.json", spec)
+    return dict(format="timm", checkpoint=str(path), path=str(weights), spec=str(folder / "encoder.json"), timm_model=spec["timm_model"],
+                snippet=f"import timm, safetensors.torch; {load_snippet(spec, weights)}")
+
+
+# --- features -----------------------------------------------------------------------------------
+
+
+def pool_features(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """Encoder output (N, 1 + L, D) -> (N, D) for 'cls' and 'mean', (N, L, D) for 'patch'."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        return tokens[:, 1:].mean(dim=1)
+    return tokens[:, 1:]
+
+
+class Source:
+    """Rows to embed, read in batches: store frames, image files (label = class folder) or a video's sampled frames."""
+
+    def __init__(self, cfg: MaecliConfig, inputs: list[str], size: tuple[int, int], notes: list[str]) -> None:
+        self.size, self.notes, self.kind = size, notes, "store"
+        self.rows: list[dict[str, Any]] = []
+        if not inputs:
+            split = cfg.export.split
+            self.store = FrameStore(cfg.extract.store, split=None if split == "all" else split)
+            self.rows = [self.store.provenance(i) for i in range(len(self.store))]
+        elif len(inputs) == 1 and Path(inputs[0]).suffix.lower() in VIDEO_EXTENSIONS:
+            self.kind, ex = "video", cfg.extract
+            try:
+                sampled = list(sample_frames(Path(inputs[0]), fps=ex.fps, every_n=ex.every_n, start=ex.start, end=ex.end))
+                self.frames = np.stack([to_rgb(frame, size, "crop") for _, _, frame in sampled])
+            except VideoError as err:
+                raise MaecliError(f"{inputs[0]}: {err}") from None
+            self.rows = [{"source": inputs[0], "time": t, "frame_index": i} for i, t, _ in sampled]
+        else:
+            self.kind = "images"
+            for item in map(Path, inputs):
+                found = list_images(item) if item.is_dir() else [(item, "")]
+                self.rows += [{"source": str(p), "label": label or None} for p, label in found]
+        if not self.rows:
+            raise ConfigError(f"export features: nothing to embed in {inputs or cfg.extract.store}")
+
+    def batch(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        if self.kind == "store":
+            frames = torch.from_numpy(self.store.get_batch(np.arange(start, stop))).to(device)
+            return augment(frames, center_crop(stop - start, self.store.size, self.size), self.size)
+        if self.kind == "video":
+            return to_input(torch.from_numpy(self.frames[start:stop]).to(device))
+        images = []
+        for row in self.rows[start:stop]:
+            try:
+                rgb, original = read_image(Path(row["source"]), self.size)
+            except (OSError, ValueError) as err:
+                raise MaecliError(f"{row['source']}: not a readable image ({type(err).__name__})") from None
+            if original != tuple(self.size):
+                row["resized_from"] = list(original)
+            images.append(rgb)
+        return to_input(torch.from_numpy(np.stack(images)).to(device))
+
+
+def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | None, out: str | None, console: Console | None = None) -> dict[str, Any]:
+    ec = cfg.export
+    path = resolve_checkpoint(cfg.run_dir, checkpoint or ec.checkpoint)
+    model, _ = load_model(path, canonical_arch(cfg.model.mae_kwargs))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    notes: list[str] = []
+    source = Source(cfg, inputs, model.img_size, notes)
+    folder = Path(out or ec.out or cfg.run_dir / "export")
+    parts = folder / "features.parts"
+    settings = dict(checkpoint=str(path), pool=ec.pool, dtype=ec.dtype, rows=len(source.rows), inputs=inputs, split=ec.split)
+    if parts.exists() and (not (parts / "settings.json").exists() or json.loads((parts / "settings.json").read_text()) != settings):
+        shutil.rmtree(parts)  # chunks of another export: start over
+    parts.mkdir(parents=True, exist_ok=True)
+    write_json(parts / "settings.json", settings)
+
+    chunk = 16 * ec.batch_size
+    starts = list(range(0, len(source.rows), chunk))
+    done = sum((parts / f"{i:06d}.safetensors").exists() for i in range(len(starts)))
+    dtype = getattr(torch, ec.dtype)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    progress = Progress(TextColumn("export features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                        disable=console is None or not console.is_terminal)
+    with progress, torch.no_grad():
+        task = progress.add_task("features", total=len(source.rows))
+        for c, c_start in enumerate(starts):
+            c_stop = min(c_start + chunk, len(source.rows))
+            part = parts / f"{c:06d}.safetensors"
+            if not part.exists():
+                feats = []
+                for b in range(c_start, c_stop, ec.batch_size):
+                    imgs = source.batch(b, min(b + ec.batch_size, c_stop), device)
+                    with autocast:
+                        feats.append(pool_features(model.forward_features(imgs), ec.pool).to(dtype).cpu())
+                with atomic_write(part) as tmp:
+                    save_file({"features": torch.cat(feats)}, tmp)
+            progress.update(task, completed=c_stop)
+
+    features = torch.cat([load_file(parts / f"{c:06d}.safetensors")["features"] for c in range(len(starts))])
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "features.safetensors"
+    meta = {"checkpoint": str(path), "pool": ec.pool, "source": source.kind}
+    with atomic_write(target) as tmp:
+        save_file({"features": features}, tmp, metadata=meta)
+    resized = [r for r in source.rows if "resized_from" in r]
+    if resized:
+        notes.append(f"{len(resized)} images resized to {model.img_size[0]}x{model.img_size[1]} (e.g. {Path(resized[0]['source']).name} "
+                     f"was {resized[0]['resized_from'][0]}x{resized[0]['resized_from'][1]})")
+    with atomic_write(folder / "features.index.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps({"row": i, **r}) + "\n" for i, r in enumerate(source.rows)))
+    shutil.rmtree(parts)
+    return dict(checkpoint=str(path), path=str(target), index=str(folder / "features.index.jsonl"), rows=len(source.rows),
+                shape=list(features.shape), dtype=ec.dtype, pool=ec.pool, source=source.kind, chunks_reused=done, notes=notes)

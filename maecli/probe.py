@@ -1,0 +1,196 @@
+"""`maecli probe`: how good is the frozen encoder on a labeled image folder?
+
+Features are computed once per encoder (the class token, as in the MAE linear-probing protocol, or the
+mean patch token) and cached in memory; on them:
+- a linear probe: BatchNorm1d without affine parameters, then one linear layer, trained with AdamW
+  (no weight decay, cosine schedule to 0) for `epochs` over shuffled batches;
+- a weighted k-NN: cosine similarity, the k nearest training features vote with exp(similarity / T).
+Both report top-1 (top-5 with more than 5 classes), per-class accuracy and a confusion matrix. With
+`--baseline random` the same probe runs on a randomly initialised encoder of the same shape.
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
+from maecli.config import MaecliConfig
+from maecli.data import list_images, read_image, to_input
+from maecli.errors import ConfigError
+from maecli.export import pool_features
+from maecli.files import atomic_write, write_json
+from maecli.model import MaskedAutoencoder
+
+
+def labeled_split(cfg: MaecliConfig, notes: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]], list[str]]:
+    """(train items, val items, class names) from the train folder and the val folder or a stratified split of train."""
+    pc = cfg.probe
+    if not pc.train:
+        raise ConfigError("probe.train: no labeled images given (a folder with one sub-folder per class)")
+    sets = {}
+    for name, folder in (("train", pc.train), ("val", pc.val)):
+        if not folder:
+            continue
+        if not Path(folder).is_dir():
+            raise ConfigError(f"probe.{name}: {folder} is not a folder")
+        items = [(p, c) for p, c in list_images(Path(folder)) if c]
+        if not items:
+            raise ConfigError(f"probe.{name}: {folder} holds no images in class sub-folders")
+        sets[name] = items
+    classes = sorted({c for items in sets.values() for _, c in items})
+    if len({c for _, c in sets["train"]}) < 2:
+        raise ConfigError(f"probe.train: {pc.train} has only one class ({classes[0]}); a probe needs at least two")
+    index = {c: i for i, c in enumerate(classes)}
+    train = [(p, index[c]) for p, c in sets["train"]]
+    if "val" in sets:
+        return train, [(p, index[c]) for p, c in sets["val"]], classes
+    rng = np.random.default_rng([cfg.project.seed, 4])
+    val_idx = []
+    for k in range(len(classes)):  # stratified: the same fraction of every class, at least one when the class has two
+        members = [i for i, (_, y) in enumerate(train) if y == k]
+        take = min(len(members) - 1, max(1, round(len(members) * pc.val_fraction))) if len(members) > 1 else 0
+        val_idx += rng.permutation(members)[:take].tolist()
+    chosen = set(val_idx)
+    if not chosen:
+        raise ConfigError(f"probe.train: too few images per class to hold out a validation split (give probe.val)")
+    notes.append(f"no val folder: held out {len(chosen)} of {len(train)} images ({pc.val_fraction:g} of each class, seed {cfg.project.seed})")
+    return [t for i, t in enumerate(train) if i not in chosen], [train[i] for i in sorted(chosen)], classes
+
+
+def load_images(items: list[tuple[Path, int]], size: tuple[int, int], notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, h, w, 3) at the model's size and labels (N,); unreadable files are skipped and reported."""
+    images, labels, resized = [], [], {}
+    for path, label in items:
+        try:
+            rgb, original = read_image(path, size)
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            notes.append(f"skipped {path}: not a readable image ({type(err).__name__})")
+            continue
+        if original != tuple(size):
+            resized[original] = resized.get(original, 0) + 1
+        images.append(rgb)
+        labels.append(label)
+    for (h, w), n in resized.items():
+        notes.append(f"resized {n} images from {h}x{w} to {size[0]}x{size[1]} (the model's input size)")
+    if not images:
+        raise ConfigError(f"probe: none of the {len(items)} images could be read")
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
+
+
+@torch.no_grad()
+def embed(model: MaskedAutoencoder, images: torch.Tensor, pool: str, device: torch.device, batch: int = 256) -> torch.Tensor:
+    model = model.to(device).eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    feats = []
+    for chunk in images.split(batch):
+        with autocast:
+            feats.append(pool_features(model.forward_features(to_input(chunk.to(device))), pool).float().cpu())
+    return torch.cat(feats)  # (N, D)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, num_classes: int, *, epochs: int, lr: float,
+                 batch_size: int, seed: int) -> torch.Tensor:
+    """Trains BatchNorm1d(affine=False) + Linear on frozen features; returns validation logits (N, C)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6), nn.Linear(train_x.shape[1], num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    total = epochs * steps_per_epoch
+    head.train()
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(train_x), generator=gen)
+        idx = order[(step % steps_per_epoch) * batch_size : (step % steps_per_epoch + 1) * batch_size]
+        if len(idx) < 2:  # BatchNorm needs two samples
+            continue
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        return head(val_x)
+
+
+def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, num_classes: int, *, k: int, temperature: float) -> torch.Tensor:
+    """Weighted k-NN votes (N, C): cosine similarity, the k nearest vote with exp(similarity / temperature)."""
+    train_n, val_n = F.normalize(train_x, dim=1), F.normalize(val_x, dim=1)
+    sims, idx = (val_n @ train_n.T).topk(min(k, len(train_x)), dim=1)  # (N, k)
+    votes = torch.zeros(len(val_x), num_classes)
+    votes.scatter_add_(1, train_y[idx], (sims / temperature).exp())
+    return votes
+
+
+def scores_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    C = len(classes)
+    pred = scores.argmax(1)
+    confusion = torch.zeros(C, C, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)  # rows: truth, columns: prediction
+    per_class = {c: (confusion[i, i] / confusion[i].sum()).item() if confusion[i].sum() else None for i, c in enumerate(classes)}
+    report = {"top1": (pred == labels).float().mean().item(), "per_class": per_class, "confusion": confusion.tolist()}
+    if C > 5:
+        report["top5"] = (scores.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    return report
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.array(confusion, dtype=float)
+    m = m / np.maximum(m.sum(1, keepdims=True), 1)  # each row sums to 1: recall on the diagonal
+    side = min(14, 3 + 0.25 * len(classes))
+    fig, ax = plt.subplots(figsize=(side, side), dpi=100)
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baseline: str | None = None) -> dict[str, Any]:
+    pc = cfg.probe
+    notes: list[str] = []
+    path = resolve_checkpoint(cfg.run_dir, checkpoint or pc.checkpoint)
+    model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs))
+    train_items, val_items, classes = labeled_split(cfg, notes)
+    if len(classes) <= 5:
+        notes.append(f"top-5 accuracy not reported: only {len(classes)} classes")
+    train_imgs, train_y = load_images(train_items, model.img_size, notes)
+    val_imgs, val_y = load_images(val_items, model.img_size, notes)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoders = {"pretrained": model}
+    if baseline == "random":
+        torch.manual_seed(cfg.project.seed)
+        encoders["random init"] = MaskedAutoencoder(**arch)
+    out_dir = cfg.run_dir / "probe"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, encoder in encoders.items():
+        train_x, val_x = embed(encoder, train_imgs, pc.pool, device), embed(encoder, val_imgs, pc.pool, device)  # computed once, cached
+        linear = linear_probe(train_x, train_y, val_x, len(classes), epochs=pc.epochs, lr=pc.lr, batch_size=pc.batch_size, seed=cfg.project.seed)
+        knn = knn_scores(train_x, train_y, val_x, len(classes), k=pc.k, temperature=pc.temperature)
+        results[name] = {"linear": scores_report(linear, val_y, classes), "knn": scores_report(knn, val_y, classes)}
+        slug = name.replace(" ", "-")
+        plot_confusion(results[name]["linear"]["confusion"], classes, out_dir / f"confusion-{slug}.png", f"{name} encoder, linear probe")
+        results[name]["confusion_png"] = str(out_dir / f"confusion-{slug}.png")
+    report = dict(checkpoint=str(path), classes=classes, train_images=len(train_y), val_images=len(val_y), pool=pc.pool, epochs=pc.epochs,
+                  k=pc.k, results=results, notes=notes, report=str(out_dir / "report.json"))
+    write_json(out_dir / "report.json", report)
+    return report
