@@ -127,7 +127,7 @@ def mae_to_hf(state_dict: StateDict, v5: bool = False) -> StateDict:
                 for p in ("weight", "bias"):
                     out[f"{theirs}{i}.{names[v5]}.{p}"] = state_dict[f"{ours}{i}.{sub}.{p}"]
             for p in ("weight", "bias"):
-                for name, part in zip(_HF_QKV[v5], state_dict[f"{ours}{i}.attn.qkv.{p}"].chunk(3, dim=0)):
+                for name, part in zip(_HF_QKV[v5], state_dict[f"{ours}{i}.attn.qkv.{p}"].chunk(3, dim=0), strict=True):
                     out[f"{theirs}{i}.{name}.{p}"] = part
     return out
 

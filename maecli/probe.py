@@ -57,7 +57,7 @@ def labeled_split(cfg: MaecliConfig, notes: list[str]) -> tuple[list[tuple[Path,
         val_idx += rng.permutation(members)[:take].tolist()
     chosen = set(val_idx)
     if not chosen:
-        raise ConfigError(f"probe.train: too few images per class to hold out a validation split (give probe.val)")
+        raise ConfigError("probe.train: too few images per class to hold out a validation split (give probe.val)")
     notes.append(f"no val folder: held out {len(chosen)} of {len(train)} images ({pc.val_fraction:g} of each class, seed {cfg.project.seed})")
     return [t for i, t in enumerate(train) if i not in chosen], [train[i] for i in sorted(chosen)], classes
 

@@ -50,7 +50,7 @@ def store(tmp_path_factory):
     raise AssertionError("no content shift gave both a train and a val split")
 
 
-def write_project(folder, store, **sections) -> "Path":
+def write_project(folder, store, **sections):
     """A project file for the tiny model on `store`; `sections` add or override keys, e.g. pretrain={"steps": 3}."""
     import json
 

@@ -29,7 +29,7 @@ def test_maecli_weights_round_trip_exactly(tiny_mae, tmp_path):
     assert_same_weights(model.state_dict(), loaded.state_dict())
     imgs, noise = torch.randn(2, 3, 32, 64), torch.rand(2, 32)
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(model(imgs, noise=noise), loaded.eval()(imgs, noise=noise)))
+        assert all(torch.equal(a, b) for a, b in zip(model(imgs, noise=noise), loaded.eval()(imgs, noise=noise), strict=True))
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
 
 

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,19 +15,10 @@ from maecli.checkpoint import read_weights, save_hf, save_official
 from maecli.cli import app
 from maecli.model import MaskedAutoencoder
 from maecli.train import get_lr, param_groups
-from tests.conftest import TINY
-from tests.videos import frame_image, write_video
-
-MODEL = {**TINY, "preset": "vit_tiny"}
-
+from tests.conftest import TINY, write_project
 
 def project(folder: Path, store: Path, **pretrain) -> Path:
-    settings = {**dict(batch_size=8, steps=20, warmup_steps=2, lr=1e-3, checkpoint_every=10, log_every=1), **pretrain}
-    text = "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in MODEL.items())
-    text += f'[extract]\nstore = "{store}"\nsize = [32, 32]\n'
-    text += "[pretrain]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
-    (folder / "maecli.toml").write_text(text)
-    return folder / "maecli.toml"
+    return write_project(folder, store, pretrain=pretrain)
 
 
 def pretrain(runner, config, *args):

@@ -23,7 +23,7 @@ def run(runner, trained, *args):
 
 def test_picture_of_store_frames_is_seeded(runner, trained, tmp_path):
     a = run(runner, trained, "--out", tmp_path / "a.png")
-    b = run(runner, trained, "--out", tmp_path / "b.png")
+    run(runner, trained, "--out", tmp_path / "b.png")
     assert a["checkpoint"].endswith("step-00000020.safetensors") and a["mask_ratio"] == 0.75 and a["rows"] == 8
     img = Image.open(tmp_path / "a.png")
     cell = 32 * (160 // 32)  # 32 px images scaled 5x
