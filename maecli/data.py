@@ -136,6 +136,31 @@ def read_image(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int
         return np.asarray(fitted, dtype=np.uint8), original
 
 
+def read_images(paths: list[Path], size: tuple[int, int]) -> tuple[list[np.ndarray], list[int], list[tuple[int, int]], list[str]]:
+    """Read many images at `size`: (images, indices into `paths` they came from, their original sizes, one line per
+    unreadable file)."""
+    images, kept, originals, failures = [], [], [], []
+    for i, path in enumerate(paths):
+        try:
+            rgb, original = read_image(path, size)
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            failures.append(f"skipped {path}: not a readable image ({type(err).__name__})")
+            continue
+        images.append(rgb)
+        kept.append(i)
+        originals.append(original)
+    return images, kept, originals, failures
+
+
+def resize_notes(originals: list[tuple[int, int]], size: tuple[int, int]) -> list[str]:
+    """One line per original size that differs from the model's input size."""
+    counts: dict[tuple[int, int], int] = {}
+    for hw in originals:
+        if hw != tuple(size):
+            counts[hw] = counts.get(hw, 0) + 1
+    return [f"resized {n} images from {h}x{w} to {size[0]}x{size[1]} (the model's input size)" for (h, w), n in counts.items()]
+
+
 class Loader:
     """Prefetches micro-batches in a background thread: store reads, crops and noise, pinned for CUDA.
 

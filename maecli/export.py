@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint, save_hf
 from maecli.config import MaecliConfig
-from maecli.data import augment, center_crop, list_images, read_image, to_input
+from maecli.data import augment, center_crop, list_images, read_images, resize_notes, to_input
 from maecli.errors import ConfigError, MaecliError
 from maecli.files import atomic_write, write_json
 from maecli.model import MaskedAutoencoder
@@ -92,6 +92,7 @@ class Source:
     def __init__(self, cfg: MaecliConfig, inputs: list[str], size: tuple[int, int], notes: list[str]) -> None:
         self.size, self.notes, self.kind = size, notes, "store"
         self.rows: list[dict[str, Any]] = []
+        self.originals: list[tuple[int, int]] = []  # sizes of the images read in this run
         if not inputs:
             split = cfg.export.split
             self.store = FrameStore(cfg.extract.store, split=None if split == "all" else split)
@@ -118,15 +119,10 @@ class Source:
             return augment(frames, center_crop(stop - start, self.store.size, self.size), self.size)
         if self.kind == "video":
             return to_input(torch.from_numpy(self.frames[start:stop]).to(device))
-        images = []
-        for row in self.rows[start:stop]:
-            try:
-                rgb, original = read_image(Path(row["source"]), self.size)
-            except (OSError, ValueError) as err:
-                raise MaecliError(f"{row['source']}: not a readable image ({type(err).__name__})") from None
-            if original != tuple(self.size):
-                row["resized_from"] = list(original)
-            images.append(rgb)
+        images, _, originals, failures = read_images([Path(r["source"]) for r in self.rows[start:stop]], self.size)
+        if failures:  # every row of the features file must match its index line: no skipping here
+            raise MaecliError(failures[0].removeprefix("skipped "))
+        self.originals += originals
         return to_input(torch.from_numpy(np.stack(images)).to(device))
 
 
@@ -174,10 +170,7 @@ def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | N
     meta = {"checkpoint": str(path), "pool": ec.pool, "source": source.kind}
     with atomic_write(target) as tmp:
         save_file({"features": features}, tmp, metadata=meta)
-    resized = [r for r in source.rows if "resized_from" in r]
-    if resized:
-        notes.append(f"{len(resized)} images resized to {model.img_size[0]}x{model.img_size[1]} (e.g. {Path(resized[0]['source']).name} "
-                     f"was {resized[0]['resized_from'][0]}x{resized[0]['resized_from'][1]})")
+    notes += resize_notes(source.originals, model.img_size)
     with atomic_write(folder / "features.index.jsonl") as tmp:
         tmp.write_text("".join(json.dumps({"row": i, **r}) + "\n" for i, r in enumerate(source.rows)))
     shutil.rmtree(parts)

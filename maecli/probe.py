@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
 from maecli.config import MaecliConfig
-from maecli.data import list_images, read_image, to_input
+from maecli.data import list_images, read_images, resize_notes, to_input
 from maecli.errors import ConfigError
 from maecli.export import pool_features
 from maecli.files import atomic_write, write_json
@@ -64,22 +64,11 @@ def labeled_split(cfg: MaecliConfig, notes: list[str]) -> tuple[list[tuple[Path,
 
 def load_images(items: list[tuple[Path, int]], size: tuple[int, int], notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, h, w, 3) at the model's size and labels (N,); unreadable files are skipped and reported."""
-    images, labels, resized = [], [], {}
-    for path, label in items:
-        try:
-            rgb, original = read_image(path, size)
-        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-            notes.append(f"skipped {path}: not a readable image ({type(err).__name__})")
-            continue
-        if original != tuple(size):
-            resized[original] = resized.get(original, 0) + 1
-        images.append(rgb)
-        labels.append(label)
-    for (h, w), n in resized.items():
-        notes.append(f"resized {n} images from {h}x{w} to {size[0]}x{size[1]} (the model's input size)")
+    images, kept, originals, failures = read_images([p for p, _ in items], size)
+    notes += failures + resize_notes(originals, size)
     if not images:
         raise ConfigError(f"probe: none of the {len(items)} images could be read")
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
+    return torch.from_numpy(np.stack(images)), torch.tensor([items[i][1] for i in kept])
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
 from maecli.config import MaecliConfig
-from maecli.data import IMAGENET_MEAN, IMAGENET_STD, augment, center_crop, read_image, to_input
+from maecli.data import IMAGENET_MEAN, IMAGENET_STD, augment, center_crop, read_images, resize_notes, to_input
 from maecli.errors import ConfigError, MaecliError
 from maecli.files import atomic_write
 from maecli.model import MaskedAutoencoder
@@ -118,17 +118,10 @@ def load_frames(cfg: MaecliConfig, inputs: list[str], n: int, start: float, end:
             sampled = [sampled[i] for i in np.linspace(0, len(sampled) - 1, n).round().astype(int)]
         frames = torch.from_numpy(np.stack([rgb for _, rgb in sampled])).to(device)
         return to_input(frames), [f"{videos[0].name} @ {t:.1f} s" for t, _ in sampled]
-    images, labels = [], []
-    for path in map(Path, inputs[: n or None]):
-        try:
-            rgb, original = read_image(path, size)
-        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-            notes.append(f"skipped {path}: not a readable image ({type(err).__name__})")
-            continue
-        if original != tuple(size):
-            notes.append(f"{path.name}: resized from {original[0]}x{original[1]} to {size[0]}x{size[1]}")
-        images.append(rgb)
-        labels.append(path.name)
+    paths = [Path(i) for i in inputs[: n or None]]
+    images, kept, originals, failures = read_images(paths, size)
+    notes += failures + resize_notes(originals, size)
+    labels = [paths[i].name for i in kept]
     if not images:
         raise MaecliError("visualize: none of the images could be read")
     return to_input(torch.from_numpy(np.stack(images)).to(device)), labels

@@ -109,7 +109,7 @@ def test_image_folder_features_carry_labels_and_resume_after_a_kill(runner, trai
             Image.fromarray(frame_image(i, 40, 40)).save(images / c / f"{i:04d}.png")
     config = trained / "maecli.toml"
     ref = export(runner, config, "features", images, "--out", tmp_path / "ref", "--set", "export.batch_size=4")
-    assert ref["rows"] == 1200 and ref["notes"] == ["1200 images resized to 32x32 (e.g. 0000.png was 40x40)"]
+    assert ref["rows"] == 1200 and ref["notes"] == ["resized 1200 images from 40x40 to 32x32 (the model's input size)"]
     index = [json.loads(line) for line in (tmp_path / "ref" / "features.index.jsonl").read_text().splitlines()]
     assert index[0]["label"] == "cars" and index[-1]["label"] == "trucks"
     cmd = [sys.executable, "-m", "maecli", "export", "features", str(images), "-c", str(config), "--out", str(tmp_path / "cut"),

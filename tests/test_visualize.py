@@ -43,7 +43,7 @@ def test_images_and_their_resize_notes(runner, trained, tmp_path):
                                  *[str(tmp_path / f"img{i}.png") for i in range(3)], str(tmp_path / "broken.png")])
     assert result.exit_code == 0, result.output
     assert f"skipped {tmp_path / 'broken.png'}: not a readable image (UnidentifiedImageError)" in result.stderr
-    assert "img0.png: resized from 48x64 to 32x32" in result.stderr
+    assert "resized 3 images from 48x64 to 32x32 (the model's input size)" in result.stderr
     assert Image.open(tmp_path / "out.png").size[1] == 36 + 3 * (160 + 4) + 4  # three rows
 
 
