@@ -35,6 +35,8 @@ def open_video(path: Path, threads: int = 0) -> tuple[av.container.InputContaine
         raise VideoError("empty file (0 bytes)")
     try:
         container = av.open(str(path), metadata_errors="ignore")
+    except av.ExitError:  # FFmpeg's interrupt callback saw Ctrl-C: it is the user's, not the file's
+        raise KeyboardInterrupt from None
     except PermissionError:
         raise VideoError("cannot read: permission denied") from None
     except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
@@ -96,6 +98,8 @@ def sample_frames(
                     held = (index, round(t, 6), frame)
                 else:
                     yield index, round(t, 6), frame
+        except av.ExitError:  # Ctrl-C inside FFmpeg: stop the run, do not record a truncated video
+            raise KeyboardInterrupt from None
         except av.FFmpegError as err:
             if info["decoded"] == 0:
                 raise VideoError(f"cannot decode the {info['codec']} stream ({_reason(err)})") from None

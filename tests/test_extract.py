@@ -174,12 +174,22 @@ def test_shards_of_the_input_list_merge_into_one_store(runner, tmp_path, clips):
     assert result.exit_code == 2 and result.stderr == "--shard: i must be between 1 and n (got '4/3')\n"
 
 
+@pytest.fixture(scope="session")
+def long_clips(tmp_path_factory):
+    """Six clips long enough (600 frames each, every frame kept) that an interrupted run has seconds of work left."""
+    d = tmp_path_factory.mktemp("long")
+    for i in range(6):
+        write_video(d / f"long{i}.mp4", images=[frame_image(i * 1000 + j, 48, 64) for j in range(600)])
+    return d
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_run_resumes_to_the_same_store(runner, tmp_path, clips, sig):
+def test_interrupted_run_resumes_to_the_same_store(runner, tmp_path, long_clips, sig):
     (tmp_path / "ref").mkdir()
-    run(runner, project(tmp_path / "ref"), clips / "many")
-    config = project(tmp_path)
-    cmd = [sys.executable, "-m", "maecli", "extract", "-c", str(config), str(clips / "many")]
+    settings = dict(fps=0, every_n=1, dedup=0, shard_frames=128)
+    run(runner, project(tmp_path / "ref", **settings), long_clips)
+    config = project(tmp_path, **settings)
+    cmd = [sys.executable, "-m", "maecli", "extract", "-c", str(config), str(long_clips)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     records = tmp_path / "frames" / "videos"
     deadline = time.monotonic() + 60
@@ -187,13 +197,14 @@ def test_interrupted_run_resumes_to_the_same_store(runner, tmp_path, clips, sig)
         time.sleep(0.002)
     proc.send_signal(sig)
     _, stderr = proc.communicate()
-    if sig == signal.SIGINT:  # Ctrl-C: a clean stop that says how to go on
-        assert proc.returncode == 130
-        assert stderr.splitlines()[-1].endswith("videos; run the same command again to resume")
     done = len(list(records.glob("*.json")))
     assert 1 <= done < 6, f"the run was not interrupted mid-way ({done} of 6 videos done)"
-    assert len(FrameStore(tmp_path / "frames")) == 6 * done  # only complete videos are visible
-    result, summary = run(runner, config, clips / "many")
+    if sig == signal.SIGINT:  # Ctrl-C: a clean stop that says how to go on
+        assert proc.returncode == 130, stderr
+        assert stderr.splitlines()[-1].endswith("videos; run the same command again to resume")
+    assert all(json.loads(p.read_text())["warning"] is None for p in records.glob("*.json")), "an interrupted video was recorded as done"
+    assert len(FrameStore(tmp_path / "frames")) == 600 * done  # only complete videos are visible
+    result, summary = run(runner, config, long_clips)
     assert result.exit_code == 0 and summary["videos_skipped"] == done and summary["videos_extracted"] == 6 - done
     state = store_state(tmp_path / "frames")
     assert state == store_state(tmp_path / "ref" / "frames")
