@@ -100,8 +100,11 @@ def load_frames(cfg: MaecliConfig, inputs: list[str], n: int, start: float, end:
     (sampled at [visualize] fps within start/end), or image files. `n` caps the rows (0: every sampled frame)."""
     if not inputs:
         store = FrameStore(cfg.extract.store, split=cfg.visualize.split)
+        if len(store) == 0 and cfg.visualize.split == "val":
+            notes.append("the val split is empty: showing train frames")
+            store = FrameStore(cfg.extract.store, split="train")
         if len(store) == 0:
-            raise ConfigError(f"{cfg.extract.store}: the {cfg.visualize.split} split is empty (set visualize.split, or pass images or a video)")
+            raise ConfigError(f"{cfg.extract.store}: the store has no frames (run 'maecli extract', or pass images or a video)")
         idx = np.linspace(0, len(store) - 1, min(n or len(store), len(store))).round().astype(int)
         frames = torch.from_numpy(store.get_batch(idx)).to(device)
         labels = [f"{Path(p['source']).name} @ {p['time']:.1f} s" for p in map(store.provenance, idx.tolist())]
