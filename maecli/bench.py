@@ -1,15 +1,35 @@
-"""Measuring training steps: analytic FLOPs, the paper's "mask tokens through the encoder" baseline, a matmul
-peak, and interleaved timing (A, B, C, A, B, C, ...) so ratios hold on a noisy machine."""
+"""`maecli bench`: what a training step costs, measured. Analytic FLOPs; the paper's "mask tokens through the
+encoder" baseline; a SimCLR step on the same encoder (NT-Xent, two views); a matmul peak; interleaved timing
+(A, B, C, A, B, C, ...) so ratios hold on a noisy machine."""
 
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
+from maecli.data import augment, crop_boxes
 from maecli.model import MaskedAutoencoder, to_2tuple
+
+
+def _blocks_flops(depth: int, n: int, d: int, mlp_ratio: float) -> float:
+    """Forward FLOPs of `depth` ViT blocks on n tokens of width d: qkv + proj + MLP matmuls, then q @ k and attn @ v."""
+    return depth * (2 * n * (4 * d * d + 2 * mlp_ratio * d * d) + 4 * n * n * d)
+
+
+def contrastive_flops(arch: dict[str, Any], hidden: int, out: int) -> float:
+    """FLOPs per image of one SimCLR step: two views through the whole encoder and the projection head, fwd + bwd."""
+    h, w = to_2tuple(arch["img_size"])
+    p, D = arch["patch_size"], arch["embed_dim"]
+    L = (h // p) * (w // p)
+    patch_embed = 2 * L * p * p * 3 * D
+    forward = patch_embed + _blocks_flops(arch["depth"], L + 1, D, arch["mlp_ratio"]) + 2 * (D * hidden + hidden * out)
+    return 2 * (3 * forward - patch_embed)
 
 
 def analytic_flops(arch: dict[str, Any], mask_ratio: float, mask_tokens_in_encoder: bool = False) -> float:
@@ -20,8 +40,8 @@ def analytic_flops(arch: dict[str, Any], mask_ratio: float, mask_tokens_in_encod
     L = (h // p) * (w // p)
     K = L if mask_tokens_in_encoder else int(L * (1 - mask_ratio))
 
-    def blocks(depth: int, n: int, d: int) -> float:  # qkv + proj + MLP matmuls, then q @ k and attn @ v
-        return depth * (2 * n * (4 * d * d + 2 * r * d * d) + 4 * n * n * d)
+    def blocks(depth: int, n: int, d: int) -> float:
+        return _blocks_flops(depth, n, d, r)
 
     patch_embed = 2 * L * p * p * 3 * D  # all patches are embedded, then masked
     forward = (
@@ -60,14 +80,68 @@ class MaskTokensInEncoder(nn.Module):
         return m.forward_loss(imgs, pred, mask), pred, mask
 
 
-def train_step_fn(model: nn.Module, imgs: torch.Tensor, mask_ratio: float, *, hf: bool = False) -> Callable[[], None]:
-    """One full training step (forward, backward, fused AdamW step) on a fixed batch."""
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR's NT-Xent loss. z1, z2: (N, d) projections of two views of the same N images.
+
+    Each of the 2N views must pick its partner among every other view of the global batch: under
+    torch.distributed the other ranks' views are gathered (with gradients) as negatives, so N processes
+    compute the loss of one global batch. Mean over this rank's 2N views.
+    """
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        from torch.distributed.nn.functional import all_gather
+
+        rank = dist.get_rank()
+        k1, k2 = torch.cat(all_gather(z1)), torch.cat(all_gather(z2))  # (G, d) each
+    else:
+        rank, k1, k2 = 0, z1, z2
+    N, G = z1.shape[0], k1.shape[0]
+    queries, keys = torch.cat([z1, z2]), torch.cat([k1, k2])  # (2N, d), (2G, d)
+    logits = queries @ keys.T / temperature  # (2N, 2G)
+    own = rank * N + torch.arange(N, device=z1.device)  # this rank's images in the global batch
+    self_col = torch.cat([own, own + G])  # (2N,) where each view sits among the keys
+    partner = torch.cat([own + G, own])  # (2N,) its other view
+    logits = logits.masked_fill(F.one_hot(self_col, 2 * G).bool(), float("-inf"))  # a view is not its own negative
+    return F.cross_entropy(logits, partner)
+
+
+class SimCLR(nn.Module):
+    """A contrastive step on the MAE's encoder: two augmented views, every token, the class token through a
+    2-layer projection head, NT-Xent. The cost reference for "MAE or contrastive?"."""
+
+    def __init__(self, mae: MaskedAutoencoder, hidden: int = 2048, out: int = 128, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.mae, self.temperature = mae, temperature
+        D = mae.pos_embed.shape[-1]
+        self.head = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        z = self.head(self.mae.forward_features(torch.cat([view1, view2]))[:, 0])  # (2N, out)
+        z1, z2 = z.chunk(2)
+        return nt_xent(z1, z2, self.temperature)
+
+
+def two_views(frames: torch.Tensor, out_hw: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random resized crops + flips of uint8 frames (N, H, W, 3), on their device."""
+    rng = np.random.default_rng(seed)
+    hw = tuple(frames.shape[1:3])
+    views = [augment(frames, torch.from_numpy(crop_boxes(rng, len(frames), hw, out_hw, (0.2, 1.0), True)), out_hw) for _ in range(2)]
+    return views[0], views[1]
+
+
+def train_step_fn(model: nn.Module, imgs: torch.Tensor, mask_ratio: float, *, hf: bool = False,
+                  views: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable[[], None]:
+    """One full training step (forward, backward, fused AdamW step) on a fixed batch; `views` for a SimCLR model."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), fused=True)
     autocast = torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=imgs.device.type == "cuda")
 
     def step() -> None:
         with autocast:
-            loss = model(pixel_values=imgs).loss if hf else model(imgs, mask_ratio=mask_ratio)[0]
+            if views is not None:
+                loss = model(*views)
+            else:
+                loss = model(pixel_values=imgs).loss if hf else model(imgs, mask_ratio=mask_ratio)[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -99,3 +173,72 @@ def matmul_peak(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = interleaved({"mm": lambda: a @ b}, reps, 2, device)["mm"]
     return 2 * n**3 / statistics.median(times)
+
+
+def run_bench(arch: dict[str, Any], *, batch: int, steps: int, warmup: int, mask_ratio: float, decoder_depths: list[int],
+              device: torch.device, peak_flops: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """MAE, MAE with mask tokens in the encoder, and a two-view SimCLR step on the same encoder, timed interleaved.
+
+    `decoder_depths` adds MAE and w/ [M] pairs with other decoder depths. Returns every variant's step times
+    and derived numbers, the speed-ups of MAE over the baselines, and the analytic FLOP ratios beside them.
+    """
+    torch.manual_seed(seed)
+    h, w = to_2tuple(arch["img_size"])
+    frames = torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device)  # stand-in frames at the input size
+    imgs = augment(frames, torch.eye(2, 3).expand(batch, 2, 3), (h, w))
+    fns, flops = {}, {}
+    for depth in [arch["decoder_depth"], *[d for d in decoder_depths if d != arch["decoder_depth"]]]:
+        tag = "" if depth == arch["decoder_depth"] else f", decoder depth {depth}"
+        a = {**arch, "decoder_depth": depth}
+        fns[f"mae{tag}"] = train_step_fn(MaskedAutoencoder(**a).to(device), imgs, mask_ratio)
+        fns[f"mae w/ [M]{tag}"] = train_step_fn(MaskTokensInEncoder(MaskedAutoencoder(**a)).to(device), imgs, mask_ratio)
+        flops[f"mae{tag}"], flops[f"mae w/ [M]{tag}"] = analytic_flops(a, mask_ratio), analytic_flops(a, mask_ratio, True)
+    simclr = SimCLR(MaskedAutoencoder(**arch)).to(device)
+    fns["contrastive (2 views)"] = train_step_fn(simclr, imgs, mask_ratio, views=two_views(frames, (h, w), seed))
+    flops["contrastive (2 views)"] = contrastive_flops(arch, simclr.head[0].out_features, simclr.head[2].out_features)
+
+    peak_mem = {}
+    for name, fn in fns.items():  # one step alone per variant for its peak memory (CUDA only)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        peak_mem[name] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+    times = interleaved(fns, steps, max(0, warmup - 1), device)
+    variants = {}
+    for name, t in times.items():
+        med = statistics.median(t)
+        variants[name] = dict(step_s_median=med, step_s_min=min(t), step_s_max=max(t), steps=len(t), images_per_s=batch / med,
+                              peak_mem_mib=peak_mem[name], gflop_per_image=flops[name] / 1e9, achieved_gflops=flops[name] * batch / med / 1e9,
+                              mfu=flops[name] * batch / med / peak_flops if peak_flops else None)
+    speedups = {}
+    for name in variants:
+        if name.startswith("mae w/ [M]"):
+            mae = "mae" + name.removeprefix("mae w/ [M]")
+            speedups[f"{mae} vs {name}"] = dict(measured=variants[name]["step_s_median"] / variants[mae]["step_s_median"], analytic=flops[name] / flops[mae])
+    speedups["mae vs contrastive (2 views)"] = dict(measured=variants["contrastive (2 views)"]["step_s_median"] / variants["mae"]["step_s_median"],
+                                                    analytic=flops["contrastive (2 views)"] / flops["mae"])
+    return dict(arch=arch, batch=batch, mask_ratio=mask_ratio, device=str(device), steps=steps, warmup=warmup,
+                peak_gflops=peak_flops / 1e9 if peak_flops else None, variants=variants, speedups=speedups)
+
+
+def plot_bench(result: dict[str, Any], path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from maecli.files import atomic_write
+
+    names = list(result["variants"])
+    values = [result["variants"][n]["images_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.5), dpi=100)
+    ax.barh(names[::-1], values[::-1], color=["#4c72b0" if n.startswith("mae") and "[M]" not in n else "#bbbbbb" for n in names[::-1]])
+    for y, v in enumerate(values[::-1]):
+        ax.text(v, y, f" {v:.1f}", va="center")
+    a = result["arch"]
+    ax.set(xlabel="training images / s (higher is better)",
+           title=f"ViT {a['embed_dim']}x{a['depth']}, patch {a['patch_size']}, {a['img_size']} px, batch {result['batch']}, {result['device']}")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -347,3 +347,64 @@ def quickstart(
     ])  # fmt: skip
     print_probe_table(probe)
     print_lines([f"pretraining gain on the linear probe: {100 * (pre - rnd):+.1f} points of top-1 accuracy over a random-init encoder"])
+
+
+@app.command()
+@reports_errors
+def bench(
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option("--model", help="A size preset, e.g. vit_base (default: the [model] section).")] = None,
+    patch: Annotated[int | None, typer.Option("--patch", help="Patch size (with --model; default 16).")] = None,
+    img: Annotated[str | None, typer.Option("--img", help="Input size, 224 or HxW like 128x256 (with --model; default 224).")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per step.")] = 8,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per variant (interleaved).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", min=1, help="Untimed steps per variant first.")] = 2,
+    decoder_depth: Annotated[list[int] | None, typer.Option("--decoder-depth", help="Also time MAE with this decoder depth (repeatable).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", help="Device peak for MFU (default on CUDA: a measured bf16 matmul).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a bar chart PNG of images/s here.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure MAE against mask tokens in the encoder and a two-view contrastive (SimCLR) step on this machine."""
+    import torch
+    from rich.table import Table
+
+    from maecli.bench import matmul_peak, plot_bench, run_bench
+    from maecli.config import apply_overrides, validate_config
+
+    if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"--device: must be auto, cpu or cuda with a CUDA device present (got {device!r})")
+    if model is not None:
+        size = [int(v) for v in (img or "224").lower().split("x")]
+        data = {"model": {"preset": model, "patch_size": patch or 16, "img_size": size[0] if len(size) == 1 else size}}
+        overridden = apply_overrides(data, set_ or [])  # --set model.decoder_depth=1 and friends apply on top
+        mc = validate_config(data, root=Path.cwd(), source="--model/--patch/--img", overridden=overridden).model
+    elif Path(config).exists() or set_:
+        mc = load_config(config, set_ or []).model
+    else:
+        raise ConfigError(f"{config}: file not found (give --model, e.g. --model vit_base --patch 16 --img 224, or a project file)")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    peak = peak_tflops * 1e12 if peak_tflops else (matmul_peak(dev, dtype=torch.bfloat16) if dev.type == "cuda" else None)
+    result = run_bench(mc.mae_kwargs, batch=batch, steps=steps, warmup=warmup, mask_ratio=mc.mask_ratio, decoder_depths=decoder_depth or [],
+                       device=dev, peak_flops=peak)
+    if plot is not None:
+        plot_bench(result, plot)
+        result["plot"] = str(plot)
+    if json_out:
+        print_json(result)
+        return
+    a = result["arch"]
+    print_lines([f"training step: ViT {a['embed_dim']} x {a['depth']}, decoder {a['decoder_embed_dim']} x {a['decoder_depth']}, patch {a['patch_size']}, "
+                 f"{a['img_size'][0]}x{a['img_size'][1]}, batch {batch}, mask {result['mask_ratio']:g}, {result['device']}; "
+                 f"median of {steps} interleaved steps after {warmup} warm-up"])
+    table = Table()
+    for col in ("variant", "ms/step", "range", "img/s", "MiB", "GFLOP/img", "GFLOP/s") + (("MFU",) if peak else ()):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, v in result["variants"].items():
+        cells = [name, f"{1000 * v['step_s_median']:.1f}", f"{1000 * v['step_s_min']:.0f}-{1000 * v['step_s_max']:.0f}", f"{v['images_per_s']:.1f}",
+                 f"{v['peak_mem_mib']:.0f}" if v["peak_mem_mib"] is not None else "-", f"{v['gflop_per_image']:.2f}", f"{v['achieved_gflops']:.1f}"]
+        table.add_row(*cells, *((f"{100 * v['mfu']:.1f}%",) if peak else ()))
+    console.print(table)
+    lines = [f"{name}: {s['measured']:.2f}x the speed (analytic FLOP ratio {s['analytic']:.2f}x)" for name, s in result["speedups"].items()]
+    print_lines(lines + (["peak memory is measured on CUDA only"] if not peak and dev.type == "cpu" else []) + ([f"plot: {plot}"] if plot else []))

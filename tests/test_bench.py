@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from maecli.bench import MaskTokensInEncoder, analytic_flops
+from maecli.bench import MaskTokensInEncoder, analytic_flops, nt_xent
 from maecli.model import MaskedAutoencoder
 from tests.conftest import TINY
 
@@ -36,3 +36,98 @@ def test_mask_tokens_baseline_trains_every_parameter_on_the_same_mask():
     for name, p in baseline.named_parameters():
         if p.requires_grad and name != "mae.mask_token":  # the decoder's mask token is unused: the encoder fills every position
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def nt_xent_reference(z1, z2, t):
+    """Straight from the SimCLR paper: for each of the 2N views, -log softmax of its partner among the other 2N - 1."""
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    n = len(z1)
+    losses = []
+    for i in range(2 * n):
+        partner = (i + n) % (2 * n)
+        sims = [torch.dot(z[i], z[k]) / t for k in range(2 * n) if k != i]
+        positive = torch.dot(z[i], z[partner]) / t
+        losses.append(-(positive - torch.logsumexp(torch.stack(sims), 0)))
+    return torch.stack(losses).mean()
+
+
+def test_nt_xent_matches_the_reference_and_is_symmetric():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 16), torch.randn(6, 16)
+    for t in (0.1, 0.5):
+        torch.testing.assert_close(nt_xent(z1, z2, t), nt_xent_reference(z1, z2, t), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nt_xent(z1, z2, t), nt_xent(z2, z1, t), rtol=1e-6, atol=1e-6)
+    aligned = nt_xent(z1, z1 + 1e-3 * torch.randn(6, 16), 0.1)
+    assert aligned < nt_xent(z1, z2, 0.1)  # matching views score better than unrelated ones
+
+
+RANKS = """
+import json, sys, torch, torch.distributed as dist
+from maecli.bench import nt_xent
+dist.init_process_group("gloo"); rank, world = dist.get_rank(), dist.get_world_size()
+g = torch.Generator().manual_seed(0)
+z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)  # the global batch, the same on every rank
+n = 8 // world
+a, b = z1[rank * n:(rank + 1) * n].clone().requires_grad_(), z2[rank * n:(rank + 1) * n].clone().requires_grad_()
+loss = nt_xent(a, b, 0.2)
+loss.backward()
+avg = loss.detach().clone(); dist.all_reduce(avg); avg /= world
+grads = [torch.zeros_like(a.grad) for _ in range(world)]; dist.all_gather(grads, a.grad)
+if rank == 0:
+    json.dump({"loss": avg.item(), "grad": (torch.cat(grads) / world).tolist()}, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_nt_xent_across_ranks_equals_one_process(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "ranks.py").write_text(RANKS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "ranks.py"), str(tmp_path / "out.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 16, generator=g).requires_grad_(), torch.randn(8, 16, generator=g)
+    loss = nt_xent(z1, z2, 0.2)
+    loss.backward()
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)  # every rank's negatives include the other rank's views
+    torch.testing.assert_close(torch.tensor(got["grad"]), z1.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", [TINY, BASE], ids=["tiny", "base"])
+def test_contrastive_flops_match_torch_counter(arch):
+    from maecli.bench import SimCLR, contrastive_flops, two_views
+
+    model = SimCLR(MaskedAutoencoder(**arch), hidden=64, out=16)
+    h, w = model.mae.img_size
+    v1, v2 = two_views(torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8), (h, w), 0)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(v1, v2).backward()
+    assert contrastive_flops(arch, 64, 16) == pytest.approx(counter.get_total_flops() / 2, rel=0.01)
+
+
+def test_bench_command_reports_every_variant(runner, tmp_path):
+    import json
+
+    from maecli.cli import app
+
+    args = ["bench", "--model", "vit_tiny", "--patch", "8", "--img", "32x64", "--batch", "4", "--steps", "2", "--warmup", "1",
+            "--set", "model.embed_dim=32", "--set", "model.depth=2", "--set", "model.num_heads=2", "--set", "model.decoder_embed_dim=16",
+            "--set", "model.decoder_depth=2", "--set", "model.decoder_num_heads=2", "--decoder-depth", "1", "--plot", str(tmp_path / "bench.png"), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["arch"]["embed_dim"] == 32 and r["arch"]["img_size"] == [32, 64] and r["batch"] == 4
+    assert set(r["variants"]) == {"mae", "mae w/ [M]", "mae, decoder depth 1", "mae w/ [M], decoder depth 1", "contrastive (2 views)"}
+    for v in r["variants"].values():
+        assert v["steps"] == 2 and v["step_s_min"] <= v["step_s_median"] <= v["step_s_max"]
+        assert v["images_per_s"] > 0 and v["gflop_per_image"] > 0 and v["achieved_gflops"] > 0
+    assert set(r["speedups"]) == {"mae vs mae w/ [M]", "mae, decoder depth 1 vs mae w/ [M], decoder depth 1", "mae vs contrastive (2 views)"}
+    assert all(s["measured"] > 0 and s["analytic"] > 1 for k, s in r["speedups"].items() if "[M]" in k)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    missing = runner.invoke(app, ["bench", "-c", str(tmp_path / "none.toml")])
+    assert missing.exit_code == 2 and "give --model" in missing.stderr
