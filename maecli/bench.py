@@ -237,7 +237,7 @@ def plot_bench(result: dict[str, Any], path: Any) -> None:
         ax.text(v, y, f" {v:.1f}", va="center")
     a = result["arch"]
     ax.set(xlabel="training images / s (higher is better)",
-           title=f"ViT {a['embed_dim']}x{a['depth']}, patch {a['patch_size']}, {a['img_size']} px, batch {result['batch']}, {result['device']}")
+           title=f"ViT {a['embed_dim']}x{a['depth']}, patch {a['patch_size']}, {a['img_size'][0]}x{a['img_size'][1]} px, batch {result['batch']}, {result['device']}")
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png")
