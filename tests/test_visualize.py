@@ -15,6 +15,13 @@ from tests.conftest import TINY
 from tests.videos import frame_image, write_video
 
 
+def differs(a, b) -> float:
+    """Mean absolute difference of two uint8 pictures, in grey levels. The same seed gives the same masks and, up to
+    the last bits of float arithmetic (BLAS results can depend on memory alignment), the same pixels: < 0.5 level on
+    average. Other masks change whole patches by tens of levels."""
+    return float(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean())
+
+
 def run(runner, trained, *args):
     result = runner.invoke(app, ["visualize", "-c", str(trained / "maecli.toml"), "--json", *map(str, args)])
     assert result.exit_code == 0, result.output
@@ -28,11 +35,11 @@ def test_picture_of_store_frames_is_seeded(runner, trained, tmp_path):
     img = Image.open(tmp_path / "a.png")
     cell = 32 * (160 // 32)  # 32 px images scaled 5x
     assert img.size == (4 * (cell + 4) + 4, 36 + 8 * (cell + 4) + 4)  # 4 columns, 8 rows
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # same seed, same masks, same picture
     run(runner, trained, "--out", tmp_path / "c.png", "--set", "project.seed=1")
-    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
     run(runner, trained, "--out", tmp_path / "d.png", "--mask-ratio", "0.5")
-    assert (tmp_path / "d.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+    a, b, c, d = (Image.open(tmp_path / f"{n}.png") for n in "abcd")
+    assert differs(a, b) < 0.5  # same seed, same masks, same picture
+    assert differs(a, c) > 2 and differs(a, d) > 2  # another seed or mask ratio: other masks
 
 
 def test_images_and_their_resize_notes(runner, trained, tmp_path):
@@ -57,7 +64,11 @@ def test_clip_has_the_expected_size_and_frames(runner, trained, tmp_path):
         with av.open(str(tmp_path / name)) as c:
             assert (c.streams.video[0].width, c.streams.video[0].height) == (3 * 32, 32)  # original | masked | reconstruction
             decoded.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
-    assert len(decoded[0]) == 11 and np.array_equal(decoded[0], decoded[1])
+    assert len(decoded[0]) == 11 and differs(decoded[0], decoded[1]) < 0.5  # same seed, same clip
+    run(runner, trained, tmp_path / "in.mp4", "--video", tmp_path / "c.mp4", "--start", "1", "--end", "3", "--set", "project.seed=1")
+    with av.open(str(tmp_path / "c.mp4")) as c:
+        other = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert differs(decoded[0], other) > 2  # another seed, other masks
 
 
 def test_bad_requests(runner, trained, tmp_path):
