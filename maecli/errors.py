@@ -18,5 +18,11 @@ class ConfigError(MaecliError):
     exit_code = 2
 
 
+class Interrupted(MaecliError):
+    """Ctrl-C: the job stopped cleanly and can be resumed by running the same command (exit code 130)."""
+
+    exit_code = 130
+
+
 class CheckpointError(MaecliError):
     """A weights file cannot be read or does not fit the model (exit code 1)."""

@@ -21,14 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from maecli.config import ExtractConfig
-from maecli.errors import ConfigError, MaecliError
+from maecli.errors import ConfigError, Interrupted
 from maecli.files import write_json
 from maecli.store import FrameStore, ShardWriter, clear_video, done_fingerprints, fingerprint, open_for_writing, write_record
 from maecli.video import VIDEO_EXTENSIONS, VideoError, grey_thumbnail, sample_frames, to_rgb
-
-
-class Interrupted(MaecliError):
-    exit_code = 130
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,11 @@ from maecli import __version__
 from maecli.checkpoint import canonical_arch, check_same_arch, checkpoint_steps, load_state, read_weights, save_weights
 from maecli.config import MaecliConfig, dump_toml
 from maecli.data import Loader, Plan, augment, center_crop
-from maecli.errors import ConfigError, MaecliError
+from maecli.errors import ConfigError, Interrupted, MaecliError
 from maecli.model import MaskedAutoencoder
 from maecli.files import atomic_write, write_json, write_text
 from maecli.store import FrameStore
 from maecli.visualize import save_reconstructions
-
-
-class Interrupted(MaecliError):
-    exit_code = 130
 
 
 class NonFiniteLoss(MaecliError):
@@ -171,7 +167,9 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
 
     stop = {"requested": False}
     previous_handler = None
-    if is_main and threading.current_thread() is threading.main_thread():
+    # Ctrl-C finishes the step and writes a checkpoint. One process only: under torchrun the flag would reach rank 0
+    # alone and desynchronize the collectives; torchrun stops its workers, and the run resumes from its last checkpoint.
+    if world == 1 and threading.current_thread() is threading.main_thread():
 
         def request_stop(signum: int, frame: Any) -> None:
             stop["requested"] = True
@@ -186,9 +184,9 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
         TimeRemainingColumn(), console=console, disable=console is None or not console.is_terminal,
     )  # fmt: skip
     first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, found without a host sync
-    last_loss, last_ckpt, t_run = float("nan"), None, time.perf_counter()
+    last_loss = json.loads(kept[-1])["loss"] if is_main and kept else float("nan")  # a finished run, rerun, still reports its loss
+    last_ckpt, t_run = None, time.perf_counter()
     t_log, images_since, wait_since = time.perf_counter(), 0, 0.0
-    step = start
     try:
         with progress:
             task = progress.add_task("pretrain", total=total, completed=start, epoch=start // steps_per_epoch, loss="-", lr="-", ips="-")

@@ -53,7 +53,7 @@ def test_loss_decreases_and_artifacts_are_written(runner, tmp_path, store):
     assert summary["effective_batch"] == 8 and summary["device"] == "cpu"
     # a finished run re-run does no more steps
     again, summary = pretrain(runner, project(tmp_path, store, steps=60, checkpoint_every=30, keep_last=1))
-    assert again.exit_code == 0 and summary["steps_this_run"] == 0
+    assert again.exit_code == 0 and summary["steps_this_run"] == 0 and summary["final_loss"] == rows[-1]["loss"]
 
 
 def test_lr_schedule_follows_the_formula(runner, tmp_path, store):
