@@ -107,6 +107,12 @@ def augment(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) 
     return normalize(x)
 
 
+def store_input(store: FrameStore, indices: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Store frames -> model input (B, 3, h, w): the largest centered crop of the model's aspect, resized; no augmentation."""
+    frames = torch.from_numpy(store.get_batch(indices)).to(device)  # (B, H, W, 3) uint8
+    return augment(frames, center_crop(len(frames), store.size, size), size)
+
+
 def to_input(frames: torch.Tensor) -> torch.Tensor:
     """uint8 frames (B, h, w, 3) already at the model's size -> normalized (B, 3, h, w)."""
     return normalize(frames.permute(0, 3, 1, 2).float().div_(255))

@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint, save_hf
 from maecli.config import MaecliConfig
-from maecli.data import augment, center_crop, list_images, read_images, resize_notes, to_input
+from maecli.data import list_images, read_images, resize_notes, store_input, to_input
 from maecli.errors import ConfigError, MaecliError
 from maecli.files import atomic_write, write_json
 from maecli.model import MaskedAutoencoder
 from maecli.store import FrameStore
-from maecli.video import VIDEO_EXTENSIONS, VideoError, sample_frames, to_rgb
+from maecli.video import VIDEO_EXTENSIONS, VideoError, read_frames
 
 TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large", (1280, 32, 16): "huge"}
 
@@ -100,8 +100,8 @@ class Source:
         elif len(inputs) == 1 and Path(inputs[0]).suffix.lower() in VIDEO_EXTENSIONS:
             self.kind, ex = "video", cfg.extract
             try:
-                sampled = list(sample_frames(Path(inputs[0]), fps=ex.fps, every_n=ex.every_n, start=ex.start, end=ex.end))
-                self.frames = np.stack([to_rgb(frame, size, "crop") for _, _, frame in sampled])
+                sampled = read_frames(Path(inputs[0]), size, fps=ex.fps, every_n=ex.every_n, start=ex.start, end=ex.end)
+                self.frames = np.stack([rgb for _, _, rgb in sampled])
             except VideoError as err:
                 raise MaecliError(f"{inputs[0]}: {err}") from None
             self.rows = [{"source": inputs[0], "time": t, "frame_index": i} for i, t, _ in sampled]
@@ -115,8 +115,7 @@ class Source:
 
     def batch(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         if self.kind == "store":
-            frames = torch.from_numpy(self.store.get_batch(np.arange(start, stop))).to(device)
-            return augment(frames, center_crop(stop - start, self.store.size, self.size), self.size)
+            return store_input(self.store, np.arange(start, stop), self.size, device)
         if self.kind == "video":
             return to_input(torch.from_numpy(self.frames[start:stop]).to(device))
         images, _, originals, failures = read_images([Path(r["source"]) for r in self.rows[start:stop]], self.size)

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from maecli import __version__
 from maecli.checkpoint import canonical_arch, check_same_arch, checkpoint_steps, load_state, read_weights, save_weights
 from maecli.config import MaecliConfig, dump_toml
-from maecli.data import Loader, Plan, augment, center_crop
+from maecli.data import Loader, Plan, augment, store_input
 from maecli.errors import ConfigError, Interrupted, MaecliError
 from maecli.model import MaskedAutoencoder
 from maecli.files import atomic_write, write_json, write_text
@@ -276,8 +276,7 @@ def snapshot_batch(cfg: MaecliConfig, num_patches: int, device: torch.device, n:
     if len(store) == 0:
         store = FrameStore(cfg.extract.store, split="train")
     idx = np.linspace(0, len(store) - 1, min(n, len(store))).round().astype(int)
-    frames = torch.from_numpy(store.get_batch(idx)).to(device)
-    imgs = augment(frames, center_crop(len(idx), store.size, cfg.model.img_size), cfg.model.img_size)
+    imgs = store_input(store, idx, cfg.model.img_size, device)
     noise = torch.from_numpy(np.random.default_rng([cfg.project.seed, 2]).random((len(idx), num_patches), dtype=np.float32)).to(device)
     return imgs, noise
 

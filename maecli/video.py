@@ -123,6 +123,12 @@ def to_rgb(frame: av.VideoFrame, size: tuple[int, int], resize: str) -> np.ndarr
     return rgb[top : top + h, left : left + w]
 
 
+def read_frames(path: Path, size: tuple[int, int], *, fps: float, every_n: int = 0, start: float = 0.0,
+                end: float = 0.0) -> list[tuple[int, float, np.ndarray]]:
+    """A video's sampled frames as (frame index, seconds, uint8 RGB (h, w, 3) center-cropped to `size`)."""
+    return [(i, t, to_rgb(frame, size, "crop")) for i, t, frame in sample_frames(path, fps=fps, every_n=every_n, start=start, end=end)]
+
+
 def grey_thumbnail(rgb: np.ndarray, side: int = 32) -> np.ndarray:
     """A small grey float image in [0, 1] for near-duplicate checks: block means, no Python loop over pixels."""
     h, w = rgb.shape[:2]

@@ -17,12 +17,12 @@ from PIL import Image, ImageDraw
 
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
 from maecli.config import MaecliConfig
-from maecli.data import IMAGENET_MEAN, IMAGENET_STD, augment, center_crop, read_images, resize_notes, to_input
+from maecli.data import IMAGENET_MEAN, IMAGENET_STD, read_images, resize_notes, store_input, to_input
 from maecli.errors import ConfigError, MaecliError
 from maecli.files import atomic_write
 from maecli.model import MaskedAutoencoder
 from maecli.store import FrameStore
-from maecli.video import VIDEO_EXTENSIONS, VideoError, sample_frames, to_rgb
+from maecli.video import VIDEO_EXTENSIONS, VideoError, read_frames
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 STATS_LABELS = {"visible": "patch statistics: visible patches only", "target": "patch statistics: true target (leaks information)"}
@@ -106,15 +106,14 @@ def load_frames(cfg: MaecliConfig, inputs: list[str], n: int, start: float, end:
         if len(store) == 0:
             raise ConfigError(f"{cfg.extract.store}: the store has no frames (run 'maecli extract', or pass images or a video)")
         idx = np.linspace(0, len(store) - 1, min(n or len(store), len(store))).round().astype(int)
-        frames = torch.from_numpy(store.get_batch(idx)).to(device)
         labels = [f"{Path(p['source']).name} @ {p['time']:.1f} s" for p in map(store.provenance, idx.tolist())]
-        return augment(frames, center_crop(len(idx), store.size, size), size), labels
+        return store_input(store, idx, size, device), labels
     videos = [Path(i) for i in inputs if Path(i).suffix.lower() in VIDEO_EXTENSIONS]
     if videos:
         if len(videos) != len(inputs) or len(videos) > 1:
             raise ConfigError("visualize: give one video, or image files, not both")
         try:
-            sampled = [(t, to_rgb(f, size, "crop")) for _, t, f in sample_frames(videos[0], fps=cfg.visualize.fps, every_n=0, start=start, end=end)]
+            sampled = [(t, rgb) for _, t, rgb in read_frames(videos[0], size, fps=cfg.visualize.fps, start=start, end=end)]
         except VideoError as err:
             raise MaecliError(f"{videos[0]}: {err}") from None
         if n and len(sampled) > n:
