@@ -99,6 +99,13 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Model input (B, 3, H, W) -> pixels in [0, 1]: the inverse of `normalize`, clamped."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
 def augment(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     """uint8 frames (B, H, W, 3) + crops (B, 2, 3) -> normalized float images (B, 3, h, w), on the frames' device."""
     x = frames.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, H, W)

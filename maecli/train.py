@@ -19,7 +19,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -28,12 +27,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from maecli import __version__
 from maecli.checkpoint import canonical_arch, check_same_arch, checkpoint_steps, load_state, read_weights, save_weights
 from maecli.config import MaecliConfig, dump_toml
-from maecli.data import Loader, Plan, augment, store_input
+from maecli.data import Loader, Plan, augment
 from maecli.errors import ConfigError, Interrupted, MaecliError
 from maecli.model import MaskedAutoencoder
 from maecli.files import atomic_write, write_json, write_text
 from maecli.store import FrameStore
-from maecli.visualize import save_reconstructions
+from maecli.visualize import fixed_noise, load_frames, save_reconstructions
 
 
 class NonFiniteLoss(MaecliError):
@@ -163,7 +162,9 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
         metrics_path = run_dir / "metrics.jsonl"
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] if metrics_path.exists() else []
         metrics_path.write_text("".join(line + "\n" for line in kept))  # drop what a killed run logged past its checkpoint
-        snap_imgs, snap_noise = snapshot_batch(cfg, raw.num_patches, device)
+        # the same frames and masks as `maecli visualize` shows: snapshots at every checkpoint
+        snap_imgs, _ = load_frames(cfg, [], cfg.visualize.num_images, 0.0, 0.0, mc.img_size, device, [])
+        snap_noise = fixed_noise(cfg.project.seed, len(snap_imgs), raw.num_patches, device)
 
     stop = {"requested": False}
     previous_handler = None
@@ -267,18 +268,6 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", cfg.project.name)
     write_json(run_dir / "summary.json", summary)
     return summary
-
-
-def snapshot_batch(cfg: MaecliConfig, num_patches: int, device: torch.device, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed batch for reconstruction snapshots: evenly spaced validation frames (train if there are none), whole
-    frames, fixed masks."""
-    store = FrameStore(cfg.extract.store, split="val")
-    if len(store) == 0:
-        store = FrameStore(cfg.extract.store, split="train")
-    idx = np.linspace(0, len(store) - 1, min(n, len(store))).round().astype(int)
-    imgs = store_input(store, idx, cfg.model.img_size, device)
-    noise = torch.from_numpy(np.random.default_rng([cfg.project.seed, 2]).random((len(idx), num_patches), dtype=np.float32)).to(device)
-    return imgs, noise
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
 from maecli.config import MaecliConfig
-from maecli.data import IMAGENET_MEAN, IMAGENET_STD, read_images, resize_notes, store_input, to_input
+from maecli.data import denormalize, read_images, resize_notes, store_input, to_input
 from maecli.errors import ConfigError, MaecliError
 from maecli.files import atomic_write
 from maecli.model import MaskedAutoencoder
@@ -46,20 +46,14 @@ def reconstruct(model: MaskedAutoencoder, imgs: torch.Tensor, mask_ratio: float,
             var = (target.var(-1, keepdim=True) * keep).sum(1, keepdim=True) / n_keep
         pred = pred * (var + 1e-6) ** 0.5 + mean
     m = mask.unsqueeze(-1).expand_as(pred)  # (N, L, p*p*3): 1 where removed
-    mean_px = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std_px = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
-
-    def pixels(x: torch.Tensor) -> torch.Tensor:
-        return (x * std_px + mean_px).clamp(0, 1)
-
     recon = model.unpatchify(pred)
     removed = model.unpatchify(m)  # (N, 3, H, W) 1 where removed
-    original = pixels(imgs)
+    original = denormalize(imgs)
     return {
         "original": original,
         "masked": original * (1 - removed) + 0.5 * removed,  # removed patches grey
-        "reconstruction": pixels(recon),
-        "reconstruction + visible": pixels(imgs * (1 - removed) + recon * removed),
+        "reconstruction": denormalize(recon),
+        "reconstruction + visible": denormalize(imgs * (1 - removed) + recon * removed),
     }
 
 
