@@ -14,6 +14,9 @@ import numpy as np
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mts", ".ts", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp"}
 EPS = 1e-6  # seconds: timestamps are rationals printed as floats
+# Metadata that is not UTF-8 (a camera's Latin-1 title) must not make a video unreadable. PyAV < 19 decodes it
+# strictly unless told to ignore errors; PyAV 19 removed that argument and always decodes with surrogateescape.
+OPEN_OPTIONS = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
 
 
 class VideoError(Exception):
@@ -34,7 +37,7 @@ def open_video(path: Path, threads: int = 0) -> tuple[av.container.InputContaine
     if size == 0:
         raise VideoError("empty file (0 bytes)")
     try:
-        container = av.open(str(path), metadata_errors="ignore")
+        container = av.open(str(path), **OPEN_OPTIONS)
     except av.ExitError:  # FFmpeg's interrupt callback saw Ctrl-C: it is the user's, not the file's
         raise KeyboardInterrupt from None
     except PermissionError:

@@ -18,7 +18,7 @@ from maecli.cli import app
 from maecli.config import load_config
 from maecli.extract import run_extract
 from maecli.store import FrameStore
-from tests.videos import frame_image, write_audio_only, write_undecodable, write_video
+from tests.videos import frame_image, write_audio_only, write_latin1_title, write_undecodable, write_video
 
 VFR_MS = [0, 100, 150, 700, 720, 1300, 2000, 2050, 2600]
 
@@ -252,7 +252,7 @@ def test_bad_files_are_reported_and_the_rest_extracts(runner, tmp_path, clips):
 
 
 def _extract_unprivileged(cfg, inputs, conn):
-    """In a forked child: drop root (whose reads ignore permissions), then run the real extraction."""
+    """In a child process: drop root (whose reads ignore permissions), then run the real extraction."""
     if os.geteuid() == 0:
         import pwd
 
@@ -270,7 +270,9 @@ def test_unreadable_file_is_reported(tmp_path, clips):
         locked = shutil.copy(clips / "many" / "clip1.mp4", work / "locked.mp4")
         os.chmod(locked, 0)
         cfg = load_config(project(work))
-        ctx = multiprocessing.get_context("fork")  # the child keeps the imported modules: it needs no file under /root
+        # spawn, not fork: a forked child inherits FFmpeg's worker threads as dead copies (PyAV 19's swscale hangs on
+        # them). The spawned child imports everything as root, from this module's imports, before it drops to nobody.
+        ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_extract_unprivileged, args=(cfg.extract, [str(ok), str(locked)], child))
         proc.start()
@@ -341,3 +343,12 @@ def test_other_codecs_and_containers(runner, tmp_path, name, codec):
     store = FrameStore(tmp_path / "frames")
     assert [store.provenance(i)["time"] for i in range(len(store))] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
     assert store.videos[0]["codec"] == {"libvpx-vp9": "vp9", "libx265": "hevc", "mpeg4": "mpeg4"}[codec]
+
+
+def test_metadata_that_is_not_utf8_does_not_stop_extraction(runner, tmp_path):
+    """A Latin-1 title tag: PyAV < 19 raises UnicodeDecodeError on open unless told to ignore it, PyAV 19 has no
+    such option (passing it is a TypeError). Either mistake loses the whole video."""
+    write_latin1_title(tmp_path / "latin1.mkv")
+    result, summary = run(runner, project(tmp_path, fps=5), tmp_path / "latin1.mkv")
+    assert result.exit_code == 0, result.output
+    assert summary["failures"] == [] and summary["new_frames"] == 10  # 2 s at 10 fps, sampled at 5 fps

@@ -62,3 +62,23 @@ def write_undecodable(path: Path) -> Path:
             packet.stream, packet.pts, packet.dts, packet.time_base = s, i, i, Fraction(1, 30)
             c.mux(packet)
     return path
+
+
+def write_latin1_title(path: Path) -> Path:
+    """A Matroska video whose title tag is Latin-1, not UTF-8 (as some cameras write it): the bytes are patched in
+    after writing, since PyAV only writes UTF-8."""
+    placeholder = b"MAECLI-TITLE-PLACEHOLDER"
+    with av.open(str(path), "w", format="matroska") as c:
+        c.metadata["title"] = placeholder.decode()
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.thread_count = 1
+        for i in range(20):
+            for packet in s.encode(av.VideoFrame.from_ndarray(frame_image(i, 48, 64), format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    data = path.read_bytes()
+    assert data.count(placeholder) == 1, "the title must appear once to be patched"
+    path.write_bytes(data.replace(placeholder, "Caméra Fahrt n°1 ÄÖÜ".encode("latin-1").ljust(len(placeholder))))
+    return path
