@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maecli.data import augment, crop_boxes
+from maecli.device import autocast_for
 from maecli.model import MaskedAutoencoder, to_2tuple
 
 
@@ -134,7 +135,7 @@ def train_step_fn(model: nn.Module, imgs: torch.Tensor, mask_ratio: float, *, hf
                   views: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable[[], None]:
     """One full training step (forward, backward, fused AdamW step) on a fixed batch; `views` for a SimCLR model."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), fused=True)
-    autocast = torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=imgs.device.type == "cuda")
+    autocast = autocast_for(imgs.device)
 
     def step() -> None:
         with autocast:

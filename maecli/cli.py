@@ -372,9 +372,10 @@ def bench(
 
     from maecli.bench import matmul_peak, plot_bench, run_bench
     from maecli.config import apply_overrides, validate_config
+    from maecli.device import pick_device
 
-    if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise ConfigError(f"--device: must be auto, cpu or cuda with a CUDA device present (got {device!r})")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device: must be auto, cpu or cuda (got {device!r})")
     if model is not None:
         size = [int(v) for v in (img or "224").lower().split("x")]
         data = {"model": {"preset": model, "patch_size": patch or 16, "img_size": size[0] if len(size) == 1 else size}}
@@ -384,7 +385,7 @@ def bench(
         mc = load_config(config, set_ or []).model
     else:
         raise ConfigError(f"{config}: file not found (give --model, e.g. --model vit_base --patch 16 --img 224, or a project file)")
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    dev = pick_device(device, field="--device")
     peak = peak_tflops * 1e12 if peak_tflops else (matmul_peak(dev, dtype=torch.bfloat16) if dev.type == "cuda" else None)
     result = run_bench(mc.mae_kwargs, batch=batch, steps=steps, warmup=warmup, mask_ratio=mc.mask_ratio, decoder_depths=decoder_depth or [],
                        device=dev, peak_flops=peak)

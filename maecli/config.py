@@ -67,6 +67,7 @@ class ProjectConfig(Section):
     name: str = Field("maecli-project", min_length=1, description="Name of the project, recorded in every run.")
     output_dir: Path = Field(Path("runs"), description="Folder for runs and checkpoints (relative paths: to this file).")
     seed: int = Field(0, ge=0, description="Seed for every random choice: masks, crops, splits.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where every command runs; auto: CUDA when present (bf16), else CPU (float32).")
 
     _resolve_output_dir = field_validator("output_dir")(_resolve_path)
 
@@ -186,7 +187,6 @@ class PretrainConfig(Section):
     clip_grad: float = Field(0.0, ge=0, description="Clip the gradient norm to this value (0: no clipping).")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="Random resized crop: range of the crop's area as a fraction of the frame.")
     hflip: bool = Field(True, description="Random horizontal flips.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model (auto: on CUDA only; compiling on a CPU rarely pays).")
     checkpoint_every: int = Field(1000, gt=0, description="Write a checkpoint and a reconstruction snapshot every this many steps (and at the end).")
     keep_last: int = Field(3, gt=0, description="Checkpoints kept in the run folder (older ones are deleted).")
@@ -339,12 +339,17 @@ def format_errors(err: ValidationError, source: str, overridden: set[str] = froz
     return lines
 
 
+MOVED = {"pretrain.device": "project.device"}  # keys of earlier versions, and where they live now
+
+
 def _describe(e: dict[str, Any], loc: list[str]) -> str:
     t, ctx = e["type"], e.get("ctx", {})
     got = f" (got {_show(e.get('input'))})"
     if t == "missing":
         return "required"
     if t == "extra_forbidden":
+        if ".".join(loc) in MOVED:
+            return f"moved to {MOVED['.'.join(loc)]}"
         close = difflib.get_close_matches(loc[-1], _known_keys(loc[:-1]), n=1)
         return "unknown key" + (f"; did you mean '{close[0]}'?" if close else "")
     text = {

@@ -2,7 +2,8 @@
 
 Encoder weights keep the official MAE / timm key names (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
 `blocks.N.*`, `norm.*`), so `timm.create_model(name, num_classes=0, pretrained=True,
-pretrained_cfg_overlay=dict(file=...))` loads them strictly. Features are written in chunks that a
+pretrained_cfg_overlay=dict(file=..., custom_load=False))` loads them strictly (`custom_load=False`: some
+registered names default to a JAX .npz loader, which timm < 1.0.31 keeps for an overlaid file). Features are written in chunks that a
 rerun skips, then joined into one `.safetensors` with an index of every row's provenance.
 """
 
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint, save_hf
 from maecli.config import MaecliConfig
 from maecli.data import list_images, read_images, resize_notes, store_input, to_input
+from maecli.device import autocast_for, pick_device
 from maecli.errors import ConfigError, MaecliError
 from maecli.files import atomic_write, write_json
 from maecli.model import MaskedAutoencoder
@@ -49,7 +51,7 @@ def load_snippet(spec: dict[str, Any], weights: Path) -> str:
     if spec["timm_model"]:
         size = "" if spec["kwargs"]["img_size"] == [224, 224] else f", img_size={tuple(spec['kwargs']['img_size'])}"
         return (f"timm.create_model({spec['timm_model']!r}, num_classes=0{size}, pretrained=True, "
-                f"pretrained_cfg_overlay=dict(file={str(weights)!r}))")
+                f"pretrained_cfg_overlay=dict(file={str(weights)!r}, custom_load=False))")
     kwargs = {**spec["kwargs"], "img_size": tuple(spec["kwargs"]["img_size"])}
     return (f"m = timm.models.VisionTransformer(**{kwargs!r}); "
             f"m.load_state_dict(safetensors.torch.load_file({str(weights)!r}))")
@@ -129,7 +131,7 @@ def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | N
     ec = cfg.export
     path = resolve_checkpoint(cfg.run_dir, checkpoint or ec.checkpoint)
     model, _ = load_model(path, canonical_arch(cfg.model.mae_kwargs))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.project.device)
     model = model.to(device).eval()
     notes: list[str] = []
     source = Source(cfg, inputs, model.img_size, notes)
@@ -145,7 +147,7 @@ def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | N
     starts = list(range(0, len(source.rows), chunk))
     done = sum((parts / f"{i:06d}.safetensors").exists() for i in range(len(starts)))
     dtype = getattr(torch, ec.dtype)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = autocast_for(device)
     progress = Progress(TextColumn("export features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
                         disable=console is None or not console.is_terminal)
     with progress, torch.no_grad():
@@ -174,4 +176,4 @@ def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | N
         tmp.write_text("".join(json.dumps({"row": i, **r}) + "\n" for i, r in enumerate(source.rows)))
     shutil.rmtree(parts)
     return dict(checkpoint=str(path), path=str(target), index=str(folder / "features.index.jsonl"), rows=len(source.rows),
-                shape=list(features.shape), dtype=ec.dtype, pool=ec.pool, source=source.kind, chunks_reused=done, notes=notes)
+                shape=list(features.shape), dtype=ec.dtype, pool=ec.pool, source=source.kind, device=str(device), chunks_reused=done, notes=notes)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
 from maecli.config import MaecliConfig
 from maecli.data import list_images, read_images, resize_notes, to_input
+from maecli.device import autocast_for, pick_device
 from maecli.errors import ConfigError
 from maecli.export import pool_features
 from maecli.files import atomic_write, write_json
@@ -74,7 +75,7 @@ def load_images(items: list[tuple[Path, int]], size: tuple[int, int], notes: lis
 @torch.no_grad()
 def embed(model: MaskedAutoencoder, images: torch.Tensor, pool: str, device: torch.device, batch: int = 256) -> torch.Tensor:
     model = model.to(device).eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = autocast_for(device)
     feats = []
     for chunk in images.split(batch):
         with autocast:
@@ -163,7 +164,7 @@ def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baseline: str
         notes.append(f"top-5 accuracy not reported: only {len(classes)} classes")
     train_imgs, train_y = load_images(train_items, model.img_size, notes)
     val_imgs, val_y = load_images(val_items, model.img_size, notes)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.project.device)
     encoders = {"pretrained": model}
     if baseline == "random":
         torch.manual_seed(cfg.project.seed)
@@ -180,6 +181,6 @@ def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baseline: str
         plot_confusion(results[name]["linear"]["confusion"], classes, out_dir / f"confusion-{slug}.png", f"{name} encoder, linear probe")
         results[name]["confusion_png"] = str(out_dir / f"confusion-{slug}.png")
     report = dict(checkpoint=str(path), classes=classes, train_images=len(train_y), val_images=len(val_y), pool=pc.pool, epochs=pc.epochs,
-                  k=pc.k, results=results, notes=notes, report=str(out_dir / "report.json"))
+                  k=pc.k, device=str(device), results=results, notes=notes, report=str(out_dir / "report.json"))
     write_json(out_dir / "report.json", report)
     return report

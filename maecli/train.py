@@ -28,6 +28,7 @@ from maecli import __version__
 from maecli.checkpoint import canonical_arch, check_same_arch, checkpoint_steps, load_state, read_weights, save_weights
 from maecli.config import MaecliConfig, dump_toml
 from maecli.data import Loader, Plan, augment
+from maecli.device import autocast_for, pick_device, precision
 from maecli.errors import ConfigError, Interrupted, MaecliError
 from maecli.model import MaskedAutoencoder
 from maecli.files import atomic_write, write_json, write_text
@@ -82,20 +83,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: MaskedAutoencoder, optimiz
 
 def pretrain(cfg: MaecliConfig, *, restart: bool = False, console: Console | None = None) -> dict[str, Any] | None:
     """Train (or resume) the run in `cfg.run_dir`; returns the summary. Under torchrun, every rank calls this."""
-    pc = cfg.pretrain
     distributed = "RANK" in os.environ
-    use_cuda = pc.device == "cuda" or (pc.device == "auto" and torch.cuda.is_available())
-    if pc.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("pretrain.device: 'cuda' was asked for but torch sees no CUDA device")
+    device = pick_device(cfg.project.device)  # before any collective: a bad setting stops every rank at once
     if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     is_main = rank == 0
     console = console if is_main else None
     try:
@@ -152,9 +144,10 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     model: torch.nn.Module = raw
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    if pc.compile is True or (pc.compile == "auto" and device.type == "cuda"):
+    compiled = pc.compile is True or (pc.compile == "auto" and device.type == "cuda")
+    if compiled:
         model = torch.compile(model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = autocast_for(device)
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +250,8 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
         effective_batch=eff_batch,
         lr=peak_lr,
         device=str(device),
+        precision=precision(device),
+        compiled=compiled,
         world_size=world,
         checkpoint=str(ckpt_dir / f"step-{total:08d}.safetensors"),
         snapshot=str(run_dir / "snapshots" / f"step-{total:08d}.png"),

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
 from maecli.config import MaecliConfig
 from maecli.data import denormalize, read_images, resize_notes, store_input, to_input
+from maecli.device import pick_device
 from maecli.errors import ConfigError, MaecliError
 from maecli.files import atomic_write
 from maecli.model import MaskedAutoencoder
@@ -148,7 +149,7 @@ def run_visualize(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | Non
     vc = cfg.visualize
     path = resolve_checkpoint(cfg.run_dir, checkpoint or vc.checkpoint)
     model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.project.device)
     model = model.to(device).eval()
     ratio = mask_ratio if mask_ratio is not None else (vc.mask_ratio or cfg.model.mask_ratio)
     if not 0 <= ratio < 1:

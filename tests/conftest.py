@@ -4,8 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
+
+# torch is imported inside the fixtures that need it: the extraction tests run without torch (CI's Python 3.12 check).
 
 # A tiny MAE (the sizes the tests train and compare at): 32x32 px, patch 8 -> 16 patches.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mlp_ratio=4.0)
@@ -18,6 +19,8 @@ def runner() -> CliRunner:
 
 @pytest.fixture
 def tiny_mae():
+    import torch
+
     from maecli.model import MaskedAutoencoder
 
     def make(**overrides):
@@ -51,10 +54,13 @@ def store(tmp_path_factory):
 
 
 def write_project(folder, store, **sections):
-    """A project file for the tiny model on `store`; `sections` add or override keys, e.g. pretrain={"steps": 3}."""
+    """A project file for the tiny model on `store`; `sections` add or override keys, e.g. pretrain={"steps": 3}.
+
+    It runs on the CPU, in float32, wherever the tests run: the tests that need the GPU path say so."""
     import json
 
     values = {
+        "project": {"device": "cpu"},
         "model": {**TINY, "preset": "vit_tiny"},
         "extract": {"store": str(store), "size": [32, 32]},
         "pretrain": {"batch_size": 8, "steps": 20, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 10, "log_every": 1},

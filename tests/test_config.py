@@ -61,7 +61,7 @@ def test_config_prints_resolved_toml_with_overrides(runner, tmp_path):
     result = runner.invoke(app, ["config", "-c", str(path), "--set", "model.depth=4", "--set", "project.name=dashcam"])
     assert result.exit_code == 0, result.output
     cfg = tomllib.loads(result.stdout)
-    assert cfg["project"] == {"name": "dashcam", "output_dir": str(tmp_path / "out" / "runs"), "seed": 0}
+    assert cfg["project"] == {"name": "dashcam", "output_dir": str(tmp_path / "out" / "runs"), "seed": 0, "device": "auto"}
     assert cfg["model"]["img_size"] == [128, 256]  # wide frames stay wide
     assert (cfg["model"]["embed_dim"], cfg["model"]["depth"], cfg["model"]["num_heads"]) == (384, 4, 6)
     # The printed config is itself a valid project file that resolves to the same values.
@@ -83,6 +83,8 @@ def test_config_accepts_the_folder(runner, tmp_path):
         ("[model]\nmask_ratoi = 0.5\n", ["model.mask_ratoi: unknown key; did you mean 'mask_ratio'?"]),
         ("[modle]\ndepth = 2\n", ["modle: unknown key; did you mean 'model'?"]),
         ("[model]\nzzz = 1\n", ["model.zzz: unknown key"]),
+        ('[pretrain]\ndevice = "cpu"\n', ["pretrain.device: moved to project.device"]),
+        ('[project]\ndevice = "gpu"\n', ["project.device: must be one of 'auto', 'cpu' or 'cuda' (got \"gpu\")"]),
         ('[model]\npatch_size = "big"\n', ['model.patch_size: must be an integer (got "big")']),
         ("[model]\nnorm_pix_loss = 3\n", ["model.norm_pix_loss: must be true or false (got 3)"]),
         ("[project]\nseed = -1\n", ["project.seed: must be at least 0 (got -1)"]),

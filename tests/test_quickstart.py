@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--clips", "2", "--per-class", "6", "--set", "model.embed_dim=32", "--set", "model.depth=1", "--set", "model.num_heads=2",
          "--set", "model.decoder_embed_dim=16", "--set", "model.decoder_depth=1", "--set", "model.decoder_num_heads=2",
          "--set", "pretrain.steps=4", "--set", "pretrain.batch_size=8", "--set", "pretrain.warmup_steps=1", "--set", "pretrain.checkpoint_every=2",
-         "--set", "probe.epochs=2", "--set", "extract.fps=2"]
+         "--set", "probe.epochs=2", "--set", "extract.fps=2", "--set", "project.device=cpu"]
 
 
 def test_generator_is_deterministic_and_decodable(tmp_path):

@@ -1,0 +1,45 @@
+"""Where a command runs, and in which precision: one rule for every command (`project.device`).
+
+"auto" takes CUDA when torch sees a GPU, else the CPU; "cuda" insists on a GPU; "cpu" never uses one. On CUDA
+the work runs under bf16 autocast with TF32 matmuls; on the CPU in float32 (bf16 there is ~10x slower on CPUs
+without native bf16 matmuls). Under torchrun each process takes the GPU of its LOCAL_RANK.
+"""
+
+import os
+
+import torch
+
+from maecli.errors import ConfigError
+
+
+def pick_device(choice: str, *, gpus: int | None = None, field: str = "project.device") -> torch.device:
+    """The device for `choice` ("auto", "cpu" or "cuda") in this process. `gpus`: the visible GPU count (default:
+    what torch sees). Raises ConfigError when CUDA is asked for and absent, or torchrun started more processes on
+    this machine than it has GPUs (they would share one and fail inside CUDA)."""
+    assert choice in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {choice!r}"
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if choice == "cuda" and gpus == 0:
+        raise ConfigError(f"{field}: 'cuda' was asked for but torch sees no CUDA device")
+    if choice == "cpu" or gpus == 0:
+        return torch.device("cpu")
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local_world > gpus:
+        raise ConfigError(
+            f"{field}: torchrun started {local_world} processes on this machine but it has {gpus} GPU{'s' * (gpus != 1)}: "
+            f"use --nproc_per_node={gpus}, or set {field} = \"cpu\""
+        )
+    device = torch.device(f"cuda:{local_rank}")
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def autocast_for(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA; a disabled context (float32) elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def precision(device: torch.device) -> str:
+    """What `autocast_for(device)` computes matmuls in, for summaries."""
+    return "bfloat16" if device.type == "cuda" else "float32"

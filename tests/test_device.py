@@ -1,0 +1,63 @@
+"""`project.device`: one rule for every command, checked on whatever machine runs the suite.
+
+Every other test pins `device = "cpu"` (CPU semantics: bit-exact resume, float32 tolerances). The tests here
+leave it at "auto" and check the path this machine takes: the GPU one (bf16 autocast, torch.compile) when
+CUDA is present, the CPU one (float32, eager) when not.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from maecli.cli import app
+from maecli.device import pick_device
+from maecli.errors import ConfigError
+from tests.conftest import write_project
+
+GPUS = torch.cuda.device_count()
+
+
+def test_device_rules(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert pick_device("auto", gpus=0) == torch.device("cpu")
+    assert pick_device("cpu", gpus=8) == torch.device("cpu")
+    with pytest.raises(ConfigError) as err:
+        pick_device("cuda", gpus=0)
+    assert err.value.lines == ("project.device: 'cuda' was asked for but torch sees no CUDA device",)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun --nproc_per_node=3 on a 2-GPU machine
+    for choice in ("auto", "cuda"):
+        with pytest.raises(ConfigError) as err:
+            pick_device(choice, gpus=2)
+        assert err.value.lines == ('project.device: torchrun started 3 processes on this machine but it has 2 GPUs: '
+                                   'use --nproc_per_node=2, or set project.device = "cpu"',)
+    assert pick_device("cpu", gpus=2) == torch.device("cpu")  # CPU processes need no GPU each
+
+
+def test_auto_takes_this_machines_path(runner, tmp_path, store):
+    config = write_project(tmp_path, store, project={"device": "auto"}, pretrain={"steps": 3, "checkpoint_every": 3})
+    result = runner.invoke(app, ["pretrain", "-c", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    if GPUS:  # the GPU path is the point here: bf16 autocast and a compiled model
+        assert (summary["device"], summary["precision"], summary["compiled"]) == ("cuda:0", "bfloat16", True)
+    else:
+        assert (summary["device"], summary["precision"], summary["compiled"]) == ("cpu", "float32", False)
+    features = runner.invoke(app, ["export", "features", "-c", str(config), "--json", "--out", str(tmp_path / "export")])
+    assert features.exit_code == 0, features.output
+    assert json.loads(features.stdout)["device"] == ("cuda:0" if GPUS else "cpu")
+
+
+def test_torchrun_with_more_processes_than_gpus_stops_with_one_line(tmp_path, store):
+    """More processes than GPUs with device auto: the message names both counts. Without a GPU, device "cuda" is
+    the mistake that stops every rank the same way, before any collective."""
+    config = write_project(tmp_path, store, project={"device": "auto" if GPUS else "cuda"}, pretrain={"steps": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={GPUS + 1}", "-m", "maecli", "pretrain", "-c", str(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    expected = (f"project.device: torchrun started {GPUS + 1} processes on this machine but it has {GPUS} GPU" if GPUS
+                else "project.device: 'cuda' was asked for but torch sees no CUDA device")
+    assert any(line.startswith(expected) for line in proc.stderr.splitlines()), proc.stderr[-2000:]
+    assert "CUDA error" not in proc.stderr and "device-side assert" not in proc.stderr
