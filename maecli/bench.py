@@ -5,6 +5,7 @@ encoder" baseline; a SimCLR step on the same encoder (NT-Xent, two views); a mat
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from maecli.config import ModelConfig, apply_overrides, load_config, validate_config
 from maecli.data import augment, crop_boxes
-from maecli.device import autocast_for
+from maecli.device import autocast_for, pick_device
+from maecli.errors import ConfigError
 from maecli.model import MaskedAutoencoder, to_2tuple
 
 
@@ -176,6 +179,29 @@ def matmul_peak(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.
     return 2 * n**3 / statistics.median(times)
 
 
+def bench_setup(config: Path, overrides: list[str], *, model: str | None, patch: int | None, img: str | None, device: str,
+                peak_tflops: float | None) -> tuple[ModelConfig, torch.device, float | None]:
+    """What `maecli bench` measures: the model (a preset with --patch/--img, else the project's [model]; --set applies
+    on top), the device, and the peak FLOP/s that MFU is rated against (given, else a measured bf16 matmul on CUDA)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device: must be auto, cpu or cuda (got {device!r})")
+    if model is not None:
+        try:
+            size = [int(v) for v in (img or "224").lower().split("x")]
+        except ValueError:
+            raise ConfigError(f"--img: expected a size like 224 or 128x256 (got {img!r})") from None
+        data = {"model": {"preset": model, "patch_size": patch or 16, "img_size": size[0] if len(size) == 1 else size}}
+        overridden = apply_overrides(data, overrides)  # --set model.decoder_depth=1 and friends apply on top
+        mc = validate_config(data, root=Path.cwd(), source="--model/--patch/--img", overridden=overridden).model
+    elif Path(config).exists() or overrides:
+        mc = load_config(config, overrides).model
+    else:
+        raise ConfigError(f"{config}: file not found (give --model, e.g. --model vit_base --patch 16 --img 224, or a project file)")
+    dev = pick_device(device, field="--device")
+    peak = peak_tflops * 1e12 if peak_tflops else (matmul_peak(dev, dtype=torch.bfloat16) if dev.type == "cuda" else None)
+    return mc, dev, peak
+
+
 def run_bench(arch: dict[str, Any], *, batch: int, steps: int, warmup: int, mask_ratio: float, decoder_depths: list[int],
               device: torch.device, peak_flops: float | None = None, seed: int = 0) -> dict[str, Any]:
     """MAE, MAE with mask tokens in the encoder, and a two-view SimCLR step on the same encoder, timed interleaved.
@@ -220,26 +246,3 @@ def run_bench(arch: dict[str, Any], *, batch: int, steps: int, warmup: int, mask
                                                     analytic=flops["contrastive (2 views)"] / flops["mae"])
     return dict(arch=arch, batch=batch, mask_ratio=mask_ratio, device=str(device), steps=steps, warmup=warmup,
                 peak_gflops=peak_flops / 1e9 if peak_flops else None, variants=variants, speedups=speedups)
-
-
-def plot_bench(result: dict[str, Any], path: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from maecli.files import atomic_write
-
-    names = list(result["variants"])
-    values = [result["variants"][n]["images_per_s"] for n in names]
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.5), dpi=100)
-    ax.barh(names[::-1], values[::-1], color=["#4c72b0" if n.startswith("mae") and "[M]" not in n else "#bbbbbb" for n in names[::-1]])
-    for y, v in enumerate(values[::-1]):
-        ax.text(v, y, f" {v:.1f}", va="center")
-    a = result["arch"]
-    ax.set(xlabel="training images / s (higher is better)",
-           title=f"ViT {a['embed_dim']}x{a['depth']}, patch {a['patch_size']}, {a['img_size'][0]}x{a['img_size'][1]} px, batch {result['batch']}, {result['device']}")
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)

@@ -9,6 +9,7 @@ A maecli weights file is a safetensors file whose metadata holds `format = "maec
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -275,10 +276,53 @@ def load_state(model: MaskedAutoencoder, state_dict: StateDict, source: Path | s
     return missing
 
 
+# --- pretraining checkpoints: the run folder's checkpoints/ -----------------------------------------
+# A checkpoint is a pair written in order, each atomically: `step-N.state.pt` (the optimizer state, written by
+# maecli and read weights-only) then `step-N.safetensors` (the weights, the resolved config in the metadata). The
+# newest complete pair is where a run resumes and what every command uses by default.
+
+STEP_FILE = re.compile(r"step-(\d{8})\.safetensors")
+
+
+def checkpoint_files(ckpt_dir: Path, step: int) -> tuple[Path, Path]:
+    """(weights, optimizer state) of the checkpoint at `step`."""
+    return ckpt_dir / f"step-{step:08d}.safetensors", ckpt_dir / f"step-{step:08d}.state.pt"
+
+
 def checkpoint_steps(ckpt_dir: Path) -> list[int]:
-    """Steps with a complete pretraining checkpoint pair (`step-N.state.pt` and `step-N.safetensors`), oldest first."""
-    steps = {int(p.name[5:-12]) for p in ckpt_dir.glob("step-*.safetensors")} if ckpt_dir.is_dir() else set()
-    return sorted(s for s in steps if (ckpt_dir / f"step-{s:08d}.state.pt").exists())
+    """Steps with a complete checkpoint pair, oldest first."""
+    found = [int(m[1]) for p in ckpt_dir.glob("step-*.safetensors") if (m := STEP_FILE.fullmatch(p.name))] if ckpt_dir.is_dir() else []
+    return sorted(s for s in found if checkpoint_files(ckpt_dir, s)[1].exists())
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, arch: dict[str, Any],
+                    metadata: dict[str, str], keep_last: int) -> Path:
+    """Write the pair for `step` (state first, so a pair whose weights exist is complete), then delete all but the
+    newest `keep_last` pairs. Returns the weights' path."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    weights, state = checkpoint_files(ckpt_dir, step)
+    with atomic_write(state) as tmp:
+        torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp)
+    save_weights(weights, model.state_dict(), arch, {"step": str(step), **metadata})
+    for old in checkpoint_steps(ckpt_dir)[:-keep_last]:
+        for path in checkpoint_files(ckpt_dir, old):
+            path.unlink(missing_ok=True)
+    return weights
+
+
+def resume_checkpoint(ckpt_dir: Path, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, arch: dict[str, Any],
+                      device: torch.device) -> tuple[int, Path | None]:
+    """Load the newest complete pair into `model` and `optimizer`: (its step, its weights), or (0, None) if none.
+    Weights of another shape are refused, naming the first differing key."""
+    steps = checkpoint_steps(ckpt_dir)
+    if not steps:
+        return 0, None
+    weights, state = checkpoint_files(ckpt_dir, steps[-1])
+    state_dict, found = read_weights(weights)
+    check_same_arch(found, arch, ckpt_dir.parent, "this run was trained with another model shape (use --restart to start over, or another pretrain.run)")
+    load_state(model, state_dict, weights)
+    optimizer.load_state_dict(torch.load(state, map_location=device, weights_only=True)["optimizer"])
+    return steps[-1], weights
 
 
 def resolve_checkpoint(run_dir: Path, explicit: str | Path | None) -> Path:
@@ -288,7 +332,7 @@ def resolve_checkpoint(run_dir: Path, explicit: str | Path | None) -> Path:
     steps = checkpoint_steps(run_dir / "checkpoints")
     if not steps:
         raise ConfigError(f"{run_dir}: no checkpoint yet (train with 'maecli pretrain', or name weights with --checkpoint)")
-    return run_dir / "checkpoints" / f"step-{steps[-1]:08d}.safetensors"
+    return checkpoint_files(run_dir / "checkpoints", steps[-1])[0]
 
 
 def load_model(path: Path, arch: dict[str, Any] | None = None, *, encoder_only_ok: bool = False) -> tuple[MaskedAutoencoder, dict[str, Any]]:

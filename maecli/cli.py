@@ -209,8 +209,8 @@ def visualize(
     mask_ratio: Annotated[float | None, typer.Option("--mask-ratio", help="Fraction of patches removed (default: [visualize] or the model's).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="The PNG to write (default: reconstructions.png in the run folder).")] = None,
     video: Annotated[Path | None, typer.Option("--video", help="Render the input video side by side into this MP4 instead.")] = None,
-    start: Annotated[float, typer.Option("--start", help="Seconds into the video to begin.")] = 0.0,
-    end: Annotated[float, typer.Option("--end", help="Seconds into the video to stop (0: its end).")] = 0.0,
+    start: Annotated[float | None, typer.Option("--start", help="Seconds into the video to begin (default: [extract] start).")] = None,
+    end: Annotated[float | None, typer.Option("--end", help="Seconds into the video to stop, 0: its end (default: [extract] end).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show what the model sees and fills in: original | masked | reconstruction | reconstruction + visible."""
@@ -367,26 +367,12 @@ def bench(
     json_out: JsonOpt = False,
 ) -> None:
     """Measure MAE against mask tokens in the encoder and a two-view contrastive (SimCLR) step on this machine."""
-    import torch
     from rich.table import Table
 
-    from maecli.bench import matmul_peak, plot_bench, run_bench
-    from maecli.config import apply_overrides, validate_config
-    from maecli.device import pick_device
+    from maecli.bench import bench_setup, run_bench
+    from maecli.figures import plot_bench
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device: must be auto, cpu or cuda (got {device!r})")
-    if model is not None:
-        size = [int(v) for v in (img or "224").lower().split("x")]
-        data = {"model": {"preset": model, "patch_size": patch or 16, "img_size": size[0] if len(size) == 1 else size}}
-        overridden = apply_overrides(data, set_ or [])  # --set model.decoder_depth=1 and friends apply on top
-        mc = validate_config(data, root=Path.cwd(), source="--model/--patch/--img", overridden=overridden).model
-    elif Path(config).exists() or set_:
-        mc = load_config(config, set_ or []).model
-    else:
-        raise ConfigError(f"{config}: file not found (give --model, e.g. --model vit_base --patch 16 --img 224, or a project file)")
-    dev = pick_device(device, field="--device")
-    peak = peak_tflops * 1e12 if peak_tflops else (matmul_peak(dev, dtype=torch.bfloat16) if dev.type == "cuda" else None)
+    mc, dev, peak = bench_setup(config, set_ or [], model=model, patch=patch, img=img, device=device, peak_tflops=peak_tflops)
     result = run_bench(mc.mae_kwargs, batch=batch, steps=steps, warmup=warmup, mask_ratio=mc.mask_ratio, decoder_depths=decoder_depth or [],
                        device=dev, peak_flops=peak)
     if plot is not None:

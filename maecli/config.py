@@ -219,7 +219,6 @@ class VisualizeConfig(Section):
     stats: Literal["visible", "target"] = Field(
         "visible", description="norm_pix_loss models: de-normalize with the visible patches' statistics, or the true target's (leaks information)."
     )
-    fps: float = Field(5.0, gt=0, description="Frames per second taken from a video input (pictures and clips).")
 
     _resolve_checkpoint = field_validator("checkpoint")(_resolve_optional)
 
@@ -339,7 +338,7 @@ def format_errors(err: ValidationError, source: str, overridden: set[str] = froz
     return lines
 
 
-MOVED = {"pretrain.device": "project.device"}  # keys of earlier versions, and where they live now
+MOVED = {"pretrain.device": "project.device", "visualize.fps": "extract.fps (every command samples a video as extract does)"}  # keys of earlier versions, and where they live now
 
 
 def _describe(e: dict[str, Any], loc: list[str]) -> str:

@@ -11,7 +11,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,55 +122,6 @@ def store_input(store: FrameStore, indices: np.ndarray, size: tuple[int, int], d
 def to_input(frames: torch.Tensor) -> torch.Tensor:
     """uint8 frames (B, h, w, 3) already at the model's size -> normalized (B, 3, h, w)."""
     return normalize(frames.permute(0, 3, 1, 2).float().div_(255))
-
-
-# --- labeled and unlabeled image files ----------------------------------------------------------
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif"}
-
-
-def list_images(folder: Path) -> list[tuple[Path, str]]:
-    """Image files under `folder` (recursively, sorted) with their class: the first sub-folder's name ("" at the top)."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    return [(p, p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else "") for p in files]
-
-
-def read_image(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """An image as uint8 RGB (h, w, 3) at `size`: centered crop to the aspect ratio, antialiased resize (PIL).
-    Returns it with the original (height, width). Raises OSError (or PIL's UnidentifiedImageError) if unreadable."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        original = (img.height, img.width)
-        fitted = ImageOps.fit(img, (size[1], size[0]), method=Image.BICUBIC) if original != tuple(size) else img
-        return np.asarray(fitted, dtype=np.uint8), original
-
-
-def read_images(paths: list[Path], size: tuple[int, int]) -> tuple[list[np.ndarray], list[int], list[tuple[int, int]], list[str]]:
-    """Read many images at `size`: (images, indices into `paths` they came from, their original sizes, one line per
-    unreadable file)."""
-    images, kept, originals, failures = [], [], [], []
-    for i, path in enumerate(paths):
-        try:
-            rgb, original = read_image(path, size)
-        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-            failures.append(f"skipped {path}: not a readable image ({type(err).__name__})")
-            continue
-        images.append(rgb)
-        kept.append(i)
-        originals.append(original)
-    return images, kept, originals, failures
-
-
-def resize_notes(originals: list[tuple[int, int]], size: tuple[int, int]) -> list[str]:
-    """One line per original size that differs from the model's input size."""
-    counts: dict[tuple[int, int], int] = {}
-    for hw in originals:
-        if hw != tuple(size):
-            counts[hw] = counts.get(hw, 0) + 1
-    return [f"resized {n} images from {h}x{w} to {size[0]}x{size[1]} (the model's input size)" for (h, w), n in counts.items()]
 
 
 class Loader:

@@ -12,23 +12,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint, save_hf
-from maecli.config import MaecliConfig
-from maecli.data import list_images, read_images, resize_notes, store_input, to_input
-from maecli.device import autocast_for, pick_device
-from maecli.errors import ConfigError, MaecliError
+from maecli.config import PRESETS, MaecliConfig
+from maecli.device import autocast_for
 from maecli.files import atomic_write, write_json
+from maecli.inference import load_for_inference, pool_features
+from maecli.inputs import Inputs
 from maecli.model import MaskedAutoencoder
-from maecli.store import FrameStore
-from maecli.video import VIDEO_EXTENSIONS, VideoError, read_frames
 
-TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large", (1280, 32, 16): "huge"}
+TIMM_SIZES = {(s["embed_dim"], s["depth"], s["num_heads"]): name.removeprefix("vit_") for name, s in PRESETS.items()}  # timm's names
 
 
 def encoder_state_dict(model: MaskedAutoencoder) -> dict[str, torch.Tensor]:
@@ -79,62 +76,12 @@ def export_encoder(cfg: MaecliConfig, *, checkpoint: str | None, fmt: str, out: 
 # --- features -----------------------------------------------------------------------------------
 
 
-def pool_features(tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """Encoder output (N, 1 + L, D) -> (N, D) for 'cls' and 'mean', (N, L, D) for 'patch'."""
-    if pool == "cls":
-        return tokens[:, 0]
-    if pool == "mean":
-        return tokens[:, 1:].mean(dim=1)
-    return tokens[:, 1:]
-
-
-class Source:
-    """Rows to embed, read in batches: store frames, image files (label = class folder) or a video's sampled frames."""
-
-    def __init__(self, cfg: MaecliConfig, inputs: list[str], size: tuple[int, int], notes: list[str]) -> None:
-        self.size, self.notes, self.kind = size, notes, "store"
-        self.rows: list[dict[str, Any]] = []
-        self.originals: list[tuple[int, int]] = []  # sizes of the images read in this run
-        if not inputs:
-            split = cfg.export.split
-            self.store = FrameStore(cfg.extract.store, split=None if split == "all" else split)
-            self.rows = [self.store.provenance(i) for i in range(len(self.store))]
-        elif len(inputs) == 1 and Path(inputs[0]).suffix.lower() in VIDEO_EXTENSIONS:
-            self.kind, ex = "video", cfg.extract
-            try:
-                sampled = read_frames(Path(inputs[0]), size, fps=ex.fps, every_n=ex.every_n, start=ex.start, end=ex.end)
-                self.frames = np.stack([rgb for _, _, rgb in sampled])
-            except VideoError as err:
-                raise MaecliError(f"{inputs[0]}: {err}") from None
-            self.rows = [{"source": inputs[0], "time": t, "frame_index": i} for i, t, _ in sampled]
-        else:
-            self.kind = "images"
-            for item in map(Path, inputs):
-                found = list_images(item) if item.is_dir() else [(item, "")]
-                self.rows += [{"source": str(p), "label": label or None} for p, label in found]
-        if not self.rows:
-            raise ConfigError(f"export features: nothing to embed in {inputs or cfg.extract.store}")
-
-    def batch(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        if self.kind == "store":
-            return store_input(self.store, np.arange(start, stop), self.size, device)
-        if self.kind == "video":
-            return to_input(torch.from_numpy(self.frames[start:stop]).to(device))
-        images, _, originals, failures = read_images([Path(r["source"]) for r in self.rows[start:stop]], self.size)
-        if failures:  # every row of the features file must match its index line: no skipping here
-            raise MaecliError(failures[0].removeprefix("skipped "))
-        self.originals += originals
-        return to_input(torch.from_numpy(np.stack(images)).to(device))
-
-
 def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | None, out: str | None, console: Console | None = None) -> dict[str, Any]:
+    """Features of every input row, in chunks of 16 batches that a rerun reuses; rows whose image cannot be read are
+    left out of the features and of the index (and named in the notes)."""
     ec = cfg.export
-    path = resolve_checkpoint(cfg.run_dir, checkpoint or ec.checkpoint)
-    model, _ = load_model(path, canonical_arch(cfg.model.mae_kwargs))
-    device = pick_device(cfg.project.device)
-    model = model.to(device).eval()
-    notes: list[str] = []
-    source = Source(cfg, inputs, model.img_size, notes)
+    model, _, path, device = load_for_inference(cfg, checkpoint or ec.checkpoint)
+    source = Inputs(cfg, inputs, model.img_size, split=ec.split)
     folder = Path(out or ec.out or cfg.run_dir / "export")
     parts = folder / "features.parts"
     settings = dict(checkpoint=str(path), pool=ec.pool, dtype=ec.dtype, rows=len(source.rows), inputs=inputs, split=ec.split)
@@ -147,7 +94,6 @@ def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | N
     starts = list(range(0, len(source.rows), chunk))
     done = sum((parts / f"{i:06d}.safetensors").exists() for i in range(len(starts)))
     dtype = getattr(torch, ec.dtype)
-    autocast = autocast_for(device)
     progress = Progress(TextColumn("export features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
                         disable=console is None or not console.is_terminal)
     with progress, torch.no_grad():
@@ -156,24 +102,26 @@ def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | N
             c_stop = min(c_start + chunk, len(source.rows))
             part = parts / f"{c:06d}.safetensors"
             if not part.exists():
-                feats = []
+                feats, rows = [], []
                 for b in range(c_start, c_stop, ec.batch_size):
-                    imgs = source.batch(b, min(b + ec.batch_size, c_stop), device)
-                    with autocast:
+                    imgs, kept = source.read(b, min(b + ec.batch_size, c_stop), device)  # (B, 3, h, w)
+                    with autocast_for(device):
                         feats.append(pool_features(model.forward_features(imgs), ec.pool).to(dtype).cpu())
+                    rows += kept
                 with atomic_write(part) as tmp:
-                    save_file({"features": torch.cat(feats)}, tmp)
+                    save_file({"features": torch.cat(feats), "rows": torch.tensor(rows, dtype=torch.int64)}, tmp)
             progress.update(task, completed=c_stop)
 
-    features = torch.cat([load_file(parts / f"{c:06d}.safetensors")["features"] for c in range(len(starts))])
-    folder.mkdir(parents=True, exist_ok=True)
+    saved = [load_file(parts / f"{c:06d}.safetensors") for c in range(len(starts))]
+    features = torch.cat([p["features"] for p in saved])  # (N, D) or (N, L, D)
+    rows = torch.cat([p["rows"] for p in saved]).tolist()
+    notes = source.report() + ([f"{len(source.rows) - len(rows)} of {len(source.rows)} inputs could not be read: left out"] if len(rows) < len(source.rows) else [])
     target = folder / "features.safetensors"
     meta = {"checkpoint": str(path), "pool": ec.pool, "source": source.kind}
     with atomic_write(target) as tmp:
         save_file({"features": features}, tmp, metadata=meta)
-    notes += resize_notes(source.originals, model.img_size)
     with atomic_write(folder / "features.index.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps({"row": i, **r}) + "\n" for i, r in enumerate(source.rows)))
+        tmp.write_text("".join(json.dumps({"row": i, **source.rows[r]}) + "\n" for i, r in enumerate(rows)))
     shutil.rmtree(parts)
-    return dict(checkpoint=str(path), path=str(target), index=str(folder / "features.index.jsonl"), rows=len(source.rows),
+    return dict(checkpoint=str(path), path=str(target), index=str(folder / "features.index.jsonl"), rows=len(rows),
                 shape=list(features.shape), dtype=ec.dtype, pool=ec.pool, source=source.kind, device=str(device), chunks_reused=done, notes=notes)

@@ -18,13 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
 from maecli.config import MaecliConfig
-from maecli.data import list_images, read_images, resize_notes, to_input
-from maecli.device import autocast_for, pick_device
+from maecli.data import to_input
+from maecli.device import autocast_for
 from maecli.errors import ConfigError
-from maecli.export import pool_features
-from maecli.files import atomic_write, write_json
+from maecli.figures import plot_confusion
+from maecli.files import write_json
+from maecli.inference import load_for_inference, pool_features
+from maecli.inputs import list_images, read_images, resize_notes
 from maecli.model import MaskedAutoencoder
 
 
@@ -133,38 +134,15 @@ def scores_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]
     return report
 
 
-def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = np.array(confusion, dtype=float)
-    m = m / np.maximum(m.sum(1, keepdims=True), 1)  # each row sums to 1: recall on the diagonal
-    side = min(14, 3 + 0.25 * len(classes))
-    fig, ax = plt.subplots(figsize=(side, side), dpi=100)
-    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
-    ticks = range(len(classes))
-    ax.set_xticks(ticks, classes, rotation=90, fontsize=7)
-    ax.set_yticks(ticks, classes, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baseline: str | None = None) -> dict[str, Any]:
     pc = cfg.probe
     notes: list[str] = []
-    path = resolve_checkpoint(cfg.run_dir, checkpoint or pc.checkpoint)
-    model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs))
+    model, arch, path, device = load_for_inference(cfg, checkpoint or pc.checkpoint)
     train_items, val_items, classes = labeled_split(cfg, notes)
     if len(classes) <= 5:
         notes.append(f"top-5 accuracy not reported: only {len(classes)} classes")
     train_imgs, train_y = load_images(train_items, model.img_size, notes)
     val_imgs, val_y = load_images(val_items, model.img_size, notes)
-    device = pick_device(cfg.project.device)
     encoders = {"pretrained": model}
     if baseline == "random":
         torch.manual_seed(cfg.project.seed)

@@ -12,14 +12,13 @@ Everything is a function of the seed: the same seed writes the same files.
 
 import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
 from maecli.files import atomic_write
+from maecli.video import write_h264
 
 LIGHTS = {  # sky at the horizon, sky at the top, ground tint, brightness
     "day": ((190, 215, 240), (70, 130, 210), (1.0, 1.0, 1.0), 1.0),
@@ -154,17 +153,8 @@ def render(scene: Scene, t: float, height: int, width: int, rng: np.random.Gener
 def write_clip(path: Path, scene: Scene, seconds: float, fps: int, height: int, width: int, seed: int) -> Path:
     """One driving clip as H.264 in MP4, written atomically."""
     rng = np.random.default_rng([seed, 1])
-    with atomic_write(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.thread_count = 1  # the same seed gives the same bytes on every machine
-        for i in range(round(seconds * fps)):
-            frame = av.VideoFrame.from_ndarray(render(scene, i / fps, height, width, rng), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    frames = (render(scene, i / fps, height, width, rng) for i in range(round(seconds * fps)))
+    return write_h264(path, frames, fps, (height, width))
 
 
 def generate_clips(folder: Path, *, count: int, seconds: float, fps: int = 10, size: tuple[int, int] = (144, 256), seed: int = 0) -> list[Path]:

@@ -5,12 +5,15 @@ whose presentation timestamp is at or after it, so it is correct for variable fr
 frames are converted to RGB and resized, in one swscale pass: the conversion, not decoding, is the cost.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
+
+from maecli.files import atomic_write
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mts", ".ts", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp"}
 EPS = 1e-6  # seconds: timestamps are rationals printed as floats
@@ -130,6 +133,24 @@ def read_frames(path: Path, size: tuple[int, int], *, fps: float, every_n: int =
                 end: float = 0.0) -> list[tuple[int, float, np.ndarray]]:
     """A video's sampled frames as (frame index, seconds, uint8 RGB (h, w, 3) center-cropped to `size`)."""
     return [(i, t, to_rgb(frame, size, "crop")) for i, t, frame in sample_frames(path, fps=fps, every_n=every_n, start=start, end=end)]
+
+
+def write_h264(path: Path, frames: Iterable[np.ndarray], fps: float, size: tuple[int, int]) -> Path:
+    """uint8 RGB frames (h, w, 3) of `size` -> an H.264 MP4, written atomically. Odd sides are padded by one pixel
+    (yuv420p needs even ones); one encoder thread, since x264's output depends on its thread count: the same frames
+    give the same bytes on every machine."""
+    h, w = size
+    with atomic_write(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+        stream.codec_context.thread_count = 1
+        for rgb in frames:
+            rgb = np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)))  # (h', w', 3)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return Path(path)
 
 
 def grey_thumbnail(rgb: np.ndarray, side: int = 32) -> np.ndarray:

@@ -84,6 +84,7 @@ def test_config_accepts_the_folder(runner, tmp_path):
         ("[modle]\ndepth = 2\n", ["modle: unknown key; did you mean 'model'?"]),
         ("[model]\nzzz = 1\n", ["model.zzz: unknown key"]),
         ('[pretrain]\ndevice = "cpu"\n', ["pretrain.device: moved to project.device"]),
+        ("[visualize]\nfps = 5\n", ["visualize.fps: moved to extract.fps (every command samples a video as extract does)"]),
         ('[project]\ndevice = "gpu"\n', ["project.device: must be one of 'auto', 'cpu' or 'cuda' (got \"gpu\")"]),
         ('[model]\npatch_size = "big"\n', ['model.patch_size: must be an integer (got "big")']),
         ("[model]\nnorm_pix_loss = 3\n", ["model.norm_pix_loss: must be true or false (got 3)"]),

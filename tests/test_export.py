@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,17 @@ def test_export_of_an_official_checkpoint_needs_the_model_section(runner, traine
     result = runner.invoke(app, ["export", "encoder", "-c", str(wrong), "--checkpoint", str(tmp_path / "mae.pth")])
     assert result.exit_code == 1
     assert result.stderr == f"{tmp_path / 'mae.pth'}: 'cls_token' has shape (1, 1, 32) in the file, the model expects (1, 1, 64)\n"
+
+
+def test_unreadable_images_are_left_out_and_named(runner, trained, tmp_path):
+    images = tmp_path / "images"
+    (images / "cars").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(frame_image(i, 32, 32)).save(images / "cars" / f"{i}.png")
+    (images / "cars" / "1.png").write_bytes(b"not an image")  # the middle one
+    summary = export(runner, trained / "maecli.toml", "features", images, "--out", tmp_path / "out")
+    assert summary["rows"] == 2 and summary["shape"][0] == 2
+    assert summary["notes"] == [f"skipped {images / 'cars' / '1.png'}: not a readable image (UnidentifiedImageError)",
+                                "1 of 3 inputs could not be read: left out"]
+    index = [json.loads(line) for line in (tmp_path / "out" / "features.index.jsonl").read_text().splitlines()]
+    assert [(r["row"], Path(r["source"]).name) for r in index] == [(0, "0.png"), (1, "2.png")]

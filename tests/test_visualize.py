@@ -10,7 +10,7 @@ from PIL import Image
 
 from maecli.cli import app
 from maecli.model import MaskedAutoencoder
-from maecli.visualize import reconstruct
+from maecli.inference import reconstruct
 from tests.conftest import TINY
 from tests.videos import frame_image, write_video
 
@@ -56,16 +56,17 @@ def test_images_and_their_resize_notes(runner, trained, tmp_path):
 
 def test_clip_has_the_expected_size_and_frames(runner, trained, tmp_path):
     write_video(tmp_path / "in.mp4", n=40, fps=10)  # 4 s
-    summary = run(runner, trained, tmp_path / "in.mp4", "--video", tmp_path / "a.mp4", "--start", "1", "--end", "3")
-    assert summary["frames"] == 11  # 5 fps from 1.0 s to 3.0 s
-    run(runner, trained, tmp_path / "in.mp4", "--video", tmp_path / "b.mp4", "--start", "1", "--end", "3")
+    fps = ["--set", "extract.fps=5"]  # a video is sampled as extract samples it
+    summary = run(runner, trained, tmp_path / "in.mp4", "--video", tmp_path / "a.mp4", "--start", "1", "--end", "3", *fps)
+    assert summary["frames"] == 11 and summary["fps"] == 5  # 5 fps from 1.0 s to 3.0 s, played at that rate
+    run(runner, trained, tmp_path / "in.mp4", "--video", tmp_path / "b.mp4", "--start", "1", "--end", "3", *fps)
     decoded = []
     for name in ("a.mp4", "b.mp4"):
         with av.open(str(tmp_path / name)) as c:
             assert (c.streams.video[0].width, c.streams.video[0].height) == (3 * 32, 32)  # original | masked | reconstruction
             decoded.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
     assert len(decoded[0]) == 11 and differs(decoded[0], decoded[1]) < 0.5  # same seed, same clip
-    run(runner, trained, tmp_path / "in.mp4", "--video", tmp_path / "c.mp4", "--start", "1", "--end", "3", "--set", "project.seed=1")
+    run(runner, trained, tmp_path / "in.mp4", "--video", tmp_path / "c.mp4", "--start", "1", "--end", "3", "--set", "project.seed=1", *fps)
     with av.open(str(tmp_path / "c.mp4")) as c:
         other = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
     assert differs(decoded[0], other) > 2  # another seed, other masks

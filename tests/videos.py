@@ -18,9 +18,11 @@ def frame_image(i: int, h: int, w: int) -> np.ndarray:
 
 
 def write_video(path: Path, n: int = 90, fps: int = 30, h: int = 48, w: int = 64, *, times_ms: list[int] | None = None,
-                images: list[np.ndarray] | None = None, codec: str = "libx264") -> Path:
+                images: list[np.ndarray] | None = None, codec: str = "libx264", title: str | None = None) -> Path:
     """Constant frame rate by default; `times_ms` gives each frame's timestamp (variable frame rate, in .mkv)."""
     with av.open(str(path), "w") as c:
+        if title is not None:
+            c.metadata["title"] = title
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.codec_context.thread_count = 1  # encoders' output depends on their thread count: fixed, so test videos are identical everywhere
@@ -65,20 +67,10 @@ def write_undecodable(path: Path) -> Path:
 
 
 def write_latin1_title(path: Path) -> Path:
-    """A Matroska video whose title tag is Latin-1, not UTF-8 (as some cameras write it): the bytes are patched in
+    """A 2 s, 10 fps video whose title tag is Latin-1, not UTF-8 (as some cameras write it): the bytes are patched in
     after writing, since PyAV only writes UTF-8."""
-    placeholder = b"MAECLI-TITLE-PLACEHOLDER"
-    with av.open(str(path), "w", format="matroska") as c:
-        c.metadata["title"] = placeholder.decode()
-        s = c.add_stream("libx264", rate=10)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        s.codec_context.thread_count = 1
-        for i in range(20):
-            for packet in s.encode(av.VideoFrame.from_ndarray(frame_image(i, 48, 64), format="rgb24")):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-    data = path.read_bytes()
-    assert data.count(placeholder) == 1, "the title must appear once to be patched"
-    path.write_bytes(data.replace(placeholder, "Caméra Fahrt n°1 ÄÖÜ".encode("latin-1").ljust(len(placeholder))))
+    placeholder = "MAECLI-TITLE-PLACEHOLDER"
+    data = write_video(path, n=20, fps=10, title=placeholder).read_bytes()
+    assert data.count(placeholder.encode()) == 1, "the title must appear once to be patched"
+    path.write_bytes(data.replace(placeholder.encode(), "Caméra Fahrt n°1 ÄÖÜ".encode("latin-1").ljust(len(placeholder))))
     return path

@@ -1,0 +1,93 @@
+"""The pictures maecli writes: reconstruction grids (PIL) and plots (matplotlib's object API, so a notebook's
+backend is never switched). Every file is written atomically."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from maecli.files import atomic_write
+from maecli.inference import STATS_LABELS, reconstruct
+from maecli.model import MaskedAutoencoder
+
+
+def grid_image(columns: dict[str, torch.Tensor], title: str, cell: int = 160) -> Image.Image:
+    """One row per sample, one column per entry; small images are scaled up (nearest) to `cell` pixels high."""
+    names = list(columns)
+    n, _, h, w = columns[names[0]].shape
+    scale = max(1, cell // h)
+    ch, cw = h * scale, w * scale
+    header, pad = 36, 4
+    img = Image.new("RGB", (len(names) * (cw + pad) + pad, header + n * (ch + pad) + pad), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, 2), title, fill="black")
+    for c, name in enumerate(names):
+        draw.text((pad + c * (cw + pad), 18), name, fill="black")
+        arr = (columns[name].permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (N, H, W, 3)
+        for r in range(n):
+            tile = Image.fromarray(arr[r]).resize((cw, ch), Image.NEAREST)
+            img.paste(tile, (pad + c * (cw + pad), header + pad + r * (ch + pad)))
+    return img
+
+
+def save_reconstructions(model: MaskedAutoencoder, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor, path: Path,
+                         title: str, stats: str = "visible") -> Path:
+    """The MAE figure (original | masked | reconstruction | reconstruction + visible) as a PNG."""
+    columns = reconstruct(model, imgs, mask_ratio, noise, stats)
+    label = f"{title} | mask ratio {mask_ratio:g}" + (f" | {STATS_LABELS[stats]}" if model.norm_pix_loss else "")
+    with atomic_write(path) as tmp:
+        grid_image(columns, label).save(tmp, format="PNG")
+    return Path(path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def plot_loss(metrics: Path, path: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
+    ax.set(xlabel="step", ylabel="loss (MSE on masked patches)", title=f"{title}: pretraining loss")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    m = np.array(confusion, dtype=float)
+    m = m / np.maximum(m.sum(1, keepdims=True), 1)  # each row sums to 1: recall on the diagonal
+    side = min(14, 3 + 0.25 * len(classes))
+    fig = Figure(figsize=(side, side), dpi=100)
+    ax = fig.add_subplot()
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    _save(fig, path)
+
+
+def plot_bench(result: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    names = list(result["variants"])
+    values = [result["variants"][n]["images_per_s"] for n in names]
+    fig = Figure(figsize=(7, 0.6 * len(names) + 1.5), dpi=100)
+    ax = fig.add_subplot()
+    ax.barh(names[::-1], values[::-1], color=["#4c72b0" if n.startswith("mae") and "[M]" not in n else "#bbbbbb" for n in names[::-1]])
+    for y, v in enumerate(values[::-1]):
+        ax.text(v, y, f" {v:.1f}", va="center")
+    a = result["arch"]
+    ax.set(xlabel="training images / s (higher is better)",
+           title=f"ViT {a['embed_dim']}x{a['depth']}, patch {a['patch_size']}, {a['img_size'][0]}x{a['img_size'][1]} px, batch {result['batch']}, {result['device']}")
+    _save(fig, path)
