@@ -298,12 +298,16 @@ def checkpoint_steps(ckpt_dir: Path) -> list[int]:
 def save_checkpoint(ckpt_dir: Path, step: int, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, arch: dict[str, Any],
                     metadata: dict[str, str], keep_last: int) -> Path:
     """Write the pair for `step` (state first, so a pair whose weights exist is complete), then delete all but the
-    newest `keep_last` pairs. Returns the weights' path."""
+    newest `keep_last` pairs. Returns the weights' path. A failed write (a full disk) leaves no half pair."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     weights, state = checkpoint_files(ckpt_dir, step)
     with atomic_write(state) as tmp:
         torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp)
-    save_weights(weights, model.state_dict(), arch, {"step": str(step), **metadata})
+    try:
+        save_weights(weights, model.state_dict(), arch, {"step": str(step), **metadata})
+    except BaseException:
+        state.unlink(missing_ok=True)
+        raise
     for old in checkpoint_steps(ckpt_dir)[:-keep_last]:
         for path in checkpoint_files(ckpt_dir, old):
             path.unlink(missing_ok=True)
@@ -311,28 +315,46 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: MaskedAutoencoder, optimiz
 
 
 def resume_checkpoint(ckpt_dir: Path, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, arch: dict[str, Any],
-                      device: torch.device) -> tuple[int, Path | None]:
-    """Load the newest complete pair into `model` and `optimizer`: (its step, its weights), or (0, None) if none.
-    Weights of another shape are refused, naming the first differing key."""
-    steps = checkpoint_steps(ckpt_dir)
-    if not steps:
-        return 0, None
-    weights, state = checkpoint_files(ckpt_dir, steps[-1])
-    state_dict, found = read_weights(weights)
-    check_same_arch(found, arch, ckpt_dir.parent, "this run was trained with another model shape (use --restart to start over, or another pretrain.run)")
-    load_state(model, state_dict, weights)
-    optimizer.load_state_dict(torch.load(state, map_location=device, weights_only=True)["optimizer"])
-    return steps[-1], weights
+                      device: torch.device, notes: list[str]) -> tuple[int, Path | None]:
+    """Load the newest readable pair into `model` and `optimizer`: (its step, its weights), or (0, None) if none.
+    A damaged newer pair (truncated by a bad copy, say) is skipped with a note. Weights of another shape are
+    refused, naming the first differing key."""
+    for step in reversed(checkpoint_steps(ckpt_dir)):
+        weights, state = checkpoint_files(ckpt_dir, step)
+        try:
+            state_dict, found = read_weights(weights)
+            opt_state = torch.load(state, map_location=device, weights_only=True)["optimizer"]
+        except Exception as err:  # torch raises many types for a damaged file; all mean "cannot resume from this pair"
+            notes.append(f"skipped {weights.name} and {state.name}: unreadable ({_reason(err)}); trying an older checkpoint")
+            continue
+        check_same_arch(found, arch, ckpt_dir.parent, "this run was trained with another model shape (use --restart to start over, or another pretrain.run)")
+        load_state(model, state_dict, weights)
+        optimizer.load_state_dict(opt_state)
+        return step, weights
+    return 0, None
 
 
-def resolve_checkpoint(run_dir: Path, explicit: str | Path | None) -> Path:
-    """The weights a command uses: the one named, else the run folder's latest complete checkpoint."""
+def resolve_checkpoint(run_dir: Path, explicit: str | Path | None, notes: list[str]) -> Path:
+    """The weights a command uses: the one named (used as it is, failing loudly if damaged), else the run folder's
+    newest readable checkpoint; a damaged newer one is skipped with a note."""
     if explicit:
         return Path(explicit)
-    steps = checkpoint_steps(run_dir / "checkpoints")
+    ckpt_dir = run_dir / "checkpoints"
+    steps = checkpoint_steps(ckpt_dir)
     if not steps:
         raise ConfigError(f"{run_dir}: no checkpoint yet (train with 'maecli pretrain', or name weights with --checkpoint)")
-    return checkpoint_files(run_dir / "checkpoints", steps[-1])[0]
+    for step in reversed(steps):
+        weights = checkpoint_files(ckpt_dir, step)[0]
+        try:
+            read_metadata(weights)  # the header: safetensors checks that the data covers the whole file
+            return weights
+        except CheckpointError as err:
+            notes.append(f"skipped {weights}: {str(err).removeprefix(f'{weights}: ')}; using an older checkpoint")
+    raise CheckpointError(f"{ckpt_dir}: no readable checkpoint ({len(steps)} damaged)")
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
 
 
 def load_model(path: Path, arch: dict[str, Any] | None = None, *, encoder_only_ok: bool = False) -> tuple[MaskedAutoencoder, dict[str, Any]]:

@@ -249,7 +249,7 @@ def export_encoder(
     if json_out:
         print_json(summary)
     else:
-        print_lines([f"wrote {summary['path']} (from {summary['checkpoint']})", f"load it with: {summary['snippet']}"])
+        print_lines(summary["notes"] + [f"wrote {summary['path']} (from {summary['checkpoint']})", f"load it with: {summary['snippet']}"])
 
 
 @export_app.command("features")

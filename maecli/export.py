@@ -55,7 +55,8 @@ def load_snippet(spec: dict[str, Any], weights: Path) -> str:
 
 
 def export_encoder(cfg: MaecliConfig, *, checkpoint: str | None, fmt: str, out: str | None) -> dict[str, Any]:
-    path = resolve_checkpoint(cfg.run_dir, checkpoint or cfg.export.checkpoint)
+    notes: list[str] = []
+    path = resolve_checkpoint(cfg.run_dir, checkpoint or cfg.export.checkpoint, notes)
     model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs))
     folder = Path(out or cfg.export.out or cfg.run_dir / "export")
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,14 +64,14 @@ def export_encoder(cfg: MaecliConfig, *, checkpoint: str | None, fmt: str, out: 
         save_hf(folder / "hf", model.state_dict(), arch)
         target = folder / "hf"
         snippet = f"transformers.ViTMAEForPreTraining.from_pretrained({str(target)!r})  # or ViTMAEModel for the encoder"
-        return dict(format="hf", checkpoint=str(path), path=str(target), snippet=snippet)
+        return dict(format="hf", checkpoint=str(path), path=str(target), snippet=snippet, notes=notes)
     weights = folder / "encoder.safetensors"
     spec = timm_spec(arch)
     with atomic_write(weights) as tmp:
         save_file({k: v.contiguous() for k, v in encoder_state_dict(model).items()}, tmp, metadata={"format": "pt", "source": str(path)})
     write_json(folder / "encoder.json", spec)
     return dict(format="timm", checkpoint=str(path), path=str(weights), spec=str(folder / "encoder.json"), timm_model=spec["timm_model"],
-                snippet=f"import timm, safetensors.torch; {load_snippet(spec, weights)}")
+                snippet=f"import timm, safetensors.torch; {load_snippet(spec, weights)}", notes=notes)
 
 
 # --- features -----------------------------------------------------------------------------------
@@ -80,7 +81,8 @@ def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | N
     """Features of every input row, in chunks of 16 batches that a rerun reuses; rows whose image cannot be read are
     left out of the features and of the index (and named in the notes)."""
     ec = cfg.export
-    model, _, path, device = load_for_inference(cfg, checkpoint or ec.checkpoint)
+    skipped: list[str] = []
+    model, _, path, device = load_for_inference(cfg, checkpoint or ec.checkpoint, skipped)
     source = Inputs(cfg, inputs, model.img_size, split=ec.split)
     folder = Path(out or ec.out or cfg.run_dir / "export")
     parts = folder / "features.parts"
@@ -115,7 +117,7 @@ def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | N
     saved = [load_file(parts / f"{c:06d}.safetensors") for c in range(len(starts))]
     features = torch.cat([p["features"] for p in saved])  # (N, D) or (N, L, D)
     rows = torch.cat([p["rows"] for p in saved]).tolist()
-    notes = source.report() + ([f"{len(source.rows) - len(rows)} of {len(source.rows)} inputs could not be read: left out"] if len(rows) < len(source.rows) else [])
+    notes = skipped + source.report() + ([f"{len(source.rows) - len(rows)} of {len(source.rows)} inputs could not be read: left out"] if len(rows) < len(source.rows) else [])
     target = folder / "features.safetensors"
     meta = {"checkpoint": str(path), "pool": ec.pool, "source": source.kind}
     with atomic_write(target) as tmp:

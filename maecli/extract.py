@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from maecli.config import ExtractConfig
 from maecli.errors import ConfigError, Interrupted
-from maecli.files import write_json
+from maecli.files import locked, write_json
 from maecli.store import FrameStore, ShardWriter, clear_video, done_fingerprints, fingerprint, open_for_writing, write_record
 from maecli.video import VIDEO_EXTENSIONS, VideoError, grey_thumbnail, sample_frames, to_rgb
 
@@ -119,12 +119,27 @@ def extract_video(job: Job, root: Path, cfg: ExtractConfig, threads: int = 0, re
 
 
 def _safe_extract(job: Job, root: Path, cfg: ExtractConfig, threads: int, report: Callable[[int], None] | None) -> dict[str, Any]:
-    """The worker's entry point: a bad video becomes a failure entry, never an exception across processes."""
-    try:
-        return extract_video(job, root, cfg, threads, report)
-    except VideoError as err:
-        clear_video(root, job.fp)
-        return {"failure": str(err)}
+    """The worker's entry point: one video, extracted and recorded while this process holds its lock, so two runs
+    on one store never write the same video at once (the other one skips it). A bad video becomes a failure entry,
+    never an exception across processes; any other failure (a full disk, Ctrl-C) leaves none of its files behind."""
+    lock = root / "shards" / f".{job.fp}.lock"
+    with locked(lock) as holder:
+        if holder is not None:
+            return {"busy": f"being extracted by another run ({holder}): skipped"}
+        try:
+            if (root / "videos" / f"{job.fp}.json").exists():  # another run finished it since this one looked
+                return {"busy": "extracted by another run meanwhile: skipped"}
+            record = extract_video(job, root, cfg, threads, report)
+            write_record(root, record)  # the video is in the store from here on
+            return record
+        except VideoError as err:
+            clear_video(root, job.fp)
+            return {"failure": str(err)}
+        except BaseException:
+            clear_video(root, job.fp)
+            raise
+        finally:
+            lock.unlink(missing_ok=True)  # while still held: a run that opens it later finds the record, or redoes the video
 
 
 def _put(queue: Any, n: int) -> None:
@@ -163,7 +178,7 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
     workers = max(1, min(cfg.workers or cores, len(todo)))
     threads = 0 if workers == 1 else max(1, cores // workers)  # decoder threads: the workers share the cores
 
-    records = []
+    records, others = [], []  # others: videos another run was extracting, or finished meanwhile
     progress = Progress(
         TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("videos  {task.fields[frames]} frames  {task.fields[rate]} frames/s"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -179,8 +194,10 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
         def finish(job: Job, result: dict[str, Any]) -> None:
             if "failure" in result:
                 failures.append({"path": str(job.path), "reason": result["failure"]})
+            elif "busy" in result:
+                others.append(job)
+                warnings.append({"path": str(job.path), "message": result["busy"]})
             else:
-                write_record(root, result)  # the video is in the store from here on
                 records.append(result)
                 if result["warning"]:
                     warnings.append({"path": str(job.path), "message": result["warning"]})
@@ -209,7 +226,7 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
     summary = dict(
         **FrameStore(root).info(),
         videos_extracted=len(records),
-        videos_skipped=len(jobs) - len(todo),
+        videos_skipped=len(jobs) - len(todo) + len(others),
         videos_failed=len(failures),
         new_frames=new_frames,
         dropped_duplicates=sum(r["dropped_duplicates"] for r in records),

@@ -21,10 +21,11 @@ from maecli.model import MaskedAutoencoder
 STATS_LABELS = {"visible": "patch statistics: visible patches only", "target": "patch statistics: true target (leaks information)"}
 
 
-def load_for_inference(cfg: MaecliConfig, checkpoint: str | None) -> tuple[MaskedAutoencoder, dict[str, Any], Path, torch.device]:
-    """The weights named (else the run's latest checkpoint), as a model in eval mode on `project.device`, with its
-    architecture, path and device. Files that record no architecture (official .pth) are sized by [model]."""
-    path = resolve_checkpoint(cfg.run_dir, checkpoint)
+def load_for_inference(cfg: MaecliConfig, checkpoint: str | None, notes: list[str]) -> tuple[MaskedAutoencoder, dict[str, Any], Path, torch.device]:
+    """The weights named (else the run's newest readable checkpoint; skipped ones go into `notes`), as a model in
+    eval mode on `project.device`, with its architecture, path and device. Files that record no architecture
+    (official .pth) are sized by [model]."""
+    path = resolve_checkpoint(cfg.run_dir, checkpoint, notes)
     model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs))
     device = pick_device(cfg.project.device)
     return model.to(device).eval(), arch, path, device

@@ -31,6 +31,18 @@ def list_images(folder: Path) -> list[tuple[Path, str]]:
     return [(p, p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else "") for p in files]
 
 
+def ignored_in(folder: Path) -> list[str]:
+    """One line per thing under `folder` that `list_images` leaves out: files that are not images (hidden ones
+    aside), and class folders with no image in them."""
+    folder = Path(folder)
+    lines = [f"ignored {p}: not an image file" for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in d.rglob("*")):
+            lines.append(f"ignored {d}: a class folder with no images")
+    return lines
+
+
 def read_image(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """An image as uint8 RGB (h, w, 3) at `size`: centered crop to the aspect ratio, antialiased resize (PIL).
     Returns it with the original (height, width). Raises OSError (or PIL's UnidentifiedImageError) if unreadable."""
@@ -112,6 +124,7 @@ class Inputs:
             self.kind, self.rows = "images", []
             for item in map(Path, paths):
                 found = list_images(item) if item.is_dir() else [(item, "")]
+                self.notes += ignored_in(item) if item.is_dir() else []
                 self.rows += [{"source": str(p), "label": label or None} for p, label in found]
             self.rows = [self.rows[i] for i in evenly(len(self.rows), limit)] if self.rows else []
         if not self.rows:

@@ -25,7 +25,7 @@ from maecli.errors import ConfigError
 from maecli.figures import plot_confusion
 from maecli.files import write_json
 from maecli.inference import load_for_inference, pool_features
-from maecli.inputs import list_images, read_images, resize_notes
+from maecli.inputs import ignored_in, list_images, read_images, resize_notes
 from maecli.model import MaskedAutoencoder
 
 
@@ -40,7 +40,9 @@ def labeled_split(cfg: MaecliConfig, notes: list[str]) -> tuple[list[tuple[Path,
             continue
         if not Path(folder).is_dir():
             raise ConfigError(f"probe.{name}: {folder} is not a folder")
-        items = [(p, c) for p, c in list_images(Path(folder)) if c]
+        found = list_images(Path(folder))
+        items = [(p, c) for p, c in found if c]
+        notes += ignored_in(Path(folder)) + [f"ignored {p}: not in a class folder" for p, c in found if not c]
         if not items:
             raise ConfigError(f"probe.{name}: {folder} holds no images in class sub-folders")
         sets[name] = items
@@ -137,7 +139,7 @@ def scores_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]
 def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baseline: str | None = None) -> dict[str, Any]:
     pc = cfg.probe
     notes: list[str] = []
-    model, arch, path, device = load_for_inference(cfg, checkpoint or pc.checkpoint)
+    model, arch, path, device = load_for_inference(cfg, checkpoint or pc.checkpoint, notes)
     train_items, val_items, classes = labeled_split(cfg, notes)
     if len(classes) <= 5:
         notes.append(f"top-5 accuracy not reported: only {len(classes)} classes")

@@ -31,7 +31,7 @@ from maecli.data import Loader, Plan, augment
 from maecli.device import autocast_for, pick_device, precision
 from maecli.errors import ConfigError, Interrupted, MaecliError
 from maecli.figures import plot_loss, save_reconstructions
-from maecli.files import write_json, write_text
+from maecli.files import append_line, owned, write_json, write_text
 from maecli.inference import fixed_noise
 from maecli.inputs import Inputs, shown_split
 from maecli.model import MaskedAutoencoder
@@ -96,7 +96,8 @@ def pretrain(cfg: MaecliConfig, *, restart: bool = False, console: Console | Non
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     try:
-        return _run(cfg, restart, console if rank == 0 else None, rank, world, device)
+        with owned(cfg.run_dir, "pretrain.run") if rank == 0 else nullcontext():  # the ranks of one run are one owner
+            return _run(cfg, restart, console if rank == 0 else None, rank, world, device)
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -187,17 +188,18 @@ def load_start(cfg: MaecliConfig, model: MaskedAutoencoder, optimizer: torch.opt
     """Where training starts: the run's newest checkpoint (model and optimizer), else `init_from`'s weights, else
     step 0 from the seed's initialization. Returns the step and a note for the user."""
     arch = canonical_arch(cfg.model.mae_kwargs)
-    start, weights = resume_checkpoint(cfg.run_dir / "checkpoints", model, optimizer, arch, device)
+    notes: list[str] = []
+    start, weights = resume_checkpoint(cfg.run_dir / "checkpoints", model, optimizer, arch, device, notes)
     if weights is not None:
-        return start, [f"resumed from step {start} ({weights})"]
+        return start, notes + [f"resumed from step {start} ({weights})"]
     init_from = cfg.pretrain.init_from
     if not init_from:
-        return 0, []
+        return 0, notes
     state_dict, found = read_weights(Path(init_from))
     if found is not None:  # norm_pix_loss may change: it is the loss, not the shape
         check_same_arch(found, arch, init_from, "init_from has another model shape", ignore=("norm_pix_loss",))
     missing = load_state(model, state_dict, init_from, encoder_only_ok=True)
-    return 0, [f"initialized from {init_from}" + (f" (encoder only: {len(missing)} decoder tensors start fresh)" if missing else "")]
+    return 0, notes + [f"initialized from {init_from}" + (f" (encoder only: {len(missing)} decoder tensors start fresh)" if missing else "")]
 
 
 def checked_loss(step_loss: torch.Tensor, first_bad: torch.Tensor, world: int, last_ckpt: Path | None) -> float:
@@ -238,8 +240,7 @@ class RunLog:
         seconds = time.perf_counter() - self.t
         row = dict(step=step, epoch=round(epoch, 3), loss=round(loss, 6), lr=lr, images_per_s=round((step - self.last_step) * batch / seconds, 2),
                    grad_norm=round(grad_norm, 5), data_wait=round((waited - self.waited) / seconds, 4), peak_mem_mib=peak_memory_mib(self.device))
-        with open(self.metrics_path, "a") as f:  # appended; a torn last line is dropped on resume
-            f.write(json.dumps(row) + "\n")
+        append_line(self.metrics_path, json.dumps(row))  # a torn last line is dropped on resume
         self.t, self.waited, self.last_step, self.last_loss = time.perf_counter(), waited, step, loss
         return row
 

@@ -26,8 +26,10 @@ def run_visualize(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | Non
         raise ConfigError(f"--mask-ratio: must be at least 0 and less than 1 (got {ratio})")
     if video_out is not None and (len(inputs) != 1 or Path(inputs[0]).suffix.lower() not in VIDEO_EXTENSIONS):
         raise ConfigError("--video: needs a video file as input (with --start/--end for a time range)")
-    model, _, path, device = load_for_inference(cfg, checkpoint or vc.checkpoint)
-    split, notes = shown_split(cfg) if not inputs else ("all", [])
+    notes: list[str] = []
+    model, _, path, device = load_for_inference(cfg, checkpoint or vc.checkpoint, notes)
+    split, split_notes = shown_split(cfg) if not inputs else ("all", [])
+    notes += split_notes
     source = Inputs(cfg, inputs, model.img_size, split=split, limit=0 if video_out else vc.num_images, start=start, end=end)
     imgs, kept = source.read(0, len(source.rows), device)  # (N, 3, h, w)
     notes += source.report()
