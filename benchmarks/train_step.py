@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from maecli.bench import MaskTokensInEncoder, analytic_flops, interleaved, matmul_peak, train_step_fn  # noqa: E402
+from maecli.bench import MaskTokensInEncoder, analytic_flops, device_peak, interleaved, matmul_peak, train_step_fn  # noqa: E402
 from maecli.model import MaskedAutoencoder  # noqa: E402
 
 SIZES = {
@@ -44,15 +44,14 @@ def hf_model(arch: dict) -> torch.nn.Module:
 
 def bench_size(name: str, device: torch.device, peak: float, batches: list[int] | None, compile: bool) -> list[str]:
     arch, default_batches, warmup, steps = SIZES[name]
-    maybe_compile = torch.compile if compile else (lambda m: m)
     lines = []
     for batch in batches or default_batches:
         torch.manual_seed(0)
         imgs = torch.randn(batch, 3, arch["img_size"], arch["img_size"], device=device)
         fns = {
-            "maecli": train_step_fn(maybe_compile(MaskedAutoencoder(**arch).to(device)), imgs, 0.75),
-            "hf": train_step_fn(maybe_compile(hf_model(arch).to(device)), imgs, 0.75, hf=True),
-            "maecli w/ [M]": train_step_fn(maybe_compile(MaskTokensInEncoder(MaskedAutoencoder(**arch)).to(device)), imgs, 0.75),
+            "maecli": train_step_fn(MaskedAutoencoder(**arch).to(device), imgs, 0.75, compile=compile),
+            "hf": train_step_fn(hf_model(arch).to(device), imgs, 0.75, hf=True, compile=compile),
+            "maecli w/ [M]": train_step_fn(MaskTokensInEncoder(MaskedAutoencoder(**arch)).to(device), imgs, 0.75, compile=compile),
         }
         times = interleaved(fns, steps, warmup, device)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -91,15 +90,16 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--batch", type=int, nargs="+", help="Batch sizes (default: 8 and 64 for tiny, 8 for base).")
     ap.add_argument("--compile", action="store_true", help="torch.compile every variant (what maecli pretrain does on CUDA).")
-    ap.add_argument("--peak-tflops", type=float, help="Rate MFU against this spec peak (e.g. 989 for an H100 in bf16) instead of the measured matmul.")
+    ap.add_argument("--peak-tflops", type=float, help="Rate against this peak instead of the device's spec (maecli.bench.DENSE_BF16_TFLOPS).")
     ap.add_argument("--videos", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "driving_video")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    measured = matmul_peak(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else measured
+    measured, measured_source = matmul_peak(device)
+    spec, spec_source = device_peak(device, args.peak_tflops)
+    peak = spec or measured
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {name}; matmul peak measured now: {measured / 1e9:.0f} GFLOP/s (2048x2048); 'of peak' is against {peak / 1e9:.0f} GFLOP/s; "
-          f"compiled: {args.compile}; bf16 autocast: {device.type == 'cuda'}")
+    print(f"device: {name}; measured now: {measured / 1e9:.0f} GFLOP/s ({measured_source}); 'of peak' is against "
+          f"{spec_source if spec else 'that measured matmul (no spec peak known)'}; compiled: {args.compile}; bf16 autocast: {device.type == 'cuda'}")
     print("| size | batch | variant       | step (ms) | min-max (ms)    | images/s | GFLOP/img | GFLOP/s | of peak |")
     print("|------|------:|---------------|----------:|-----------------|---------:|----------:|--------:|--------:|")
     for name in args.sizes:

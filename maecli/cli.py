@@ -362,7 +362,9 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Untimed steps per variant first.")] = 2,
     decoder_depth: Annotated[list[int] | None, typer.Option("--decoder-depth", help="Also time MAE with this decoder depth (repeatable).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", help="Device peak for MFU (default on CUDA: a measured bf16 matmul).")] = None,
+    peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", help="Peak for MFU in TFLOP/s (default: the GPU's dense bf16 spec, if known).")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile every variant (default: as pretrain, on CUDA only).")] = None,
+    profile: Annotated[Path | None, typer.Option("--profile", help="Also write a torch.profiler trace and top operators of each variant here.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a bar chart PNG of images/s here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -372,9 +374,9 @@ def bench(
     from maecli.bench import bench_setup, run_bench
     from maecli.figures import plot_bench
 
-    mc, dev, peak = bench_setup(config, set_ or [], model=model, patch=patch, img=img, device=device, peak_tflops=peak_tflops)
+    mc, dev = bench_setup(config, set_ or [], model=model, patch=patch, img=img, device=device)
     result = run_bench(mc.mae_kwargs, batch=batch, steps=steps, warmup=warmup, mask_ratio=mc.mask_ratio, decoder_depths=decoder_depth or [],
-                       device=dev, peak_flops=peak)
+                       device=dev, peak_tflops=peak_tflops, compile=compile, profile=profile)
     if plot is not None:
         plot_bench(result, plot)
         result["plot"] = str(plot)
@@ -383,15 +385,17 @@ def bench(
         return
     a = result["arch"]
     print_lines([f"training step: ViT {a['embed_dim']} x {a['depth']}, decoder {a['decoder_embed_dim']} x {a['decoder_depth']}, patch {a['patch_size']}, "
-                 f"{a['img_size'][0]}x{a['img_size'][1]}, batch {batch}, mask {result['mask_ratio']:g}, {result['device']}; "
-                 f"median of {steps} interleaved steps after {warmup} warm-up"])
+                 f"{a['img_size'][0]}x{a['img_size'][1]}, batch {batch}, mask {result['mask_ratio']:g}, {result['device']}"
+                 f"{', compiled' if result['compiled'] else ', eager'}; median of {steps} interleaved steps after {warmup} warm-up"])
     table = Table()
-    for col in ("variant", "ms/step", "range", "img/s", "MiB", "GFLOP/img", "GFLOP/s") + (("MFU",) if peak else ()):
+    for col in ("variant", "ms/step", "range", "img/s", "MiB", "GFLOP/img", "GFLOP/s", "MFU", "of matmul"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for name, v in result["variants"].items():
-        cells = [name, f"{1000 * v['step_s_median']:.1f}", f"{1000 * v['step_s_min']:.0f}-{1000 * v['step_s_max']:.0f}", f"{v['images_per_s']:.1f}",
-                 f"{v['peak_mem_mib']:.0f}" if v["peak_mem_mib"] is not None else "-", f"{v['gflop_per_image']:.2f}", f"{v['achieved_gflops']:.1f}"]
-        table.add_row(*cells, *((f"{100 * v['mfu']:.1f}%",) if peak else ()))
+        table.add_row(name, f"{1000 * v['step_s_median']:.1f}", f"{1000 * v['step_s_min']:.0f}-{1000 * v['step_s_max']:.0f}", f"{v['images_per_s']:.1f}",
+                      f"{v['peak_mem_mib']:.0f}" if v["peak_mem_mib"] is not None else "-", f"{v['gflop_per_image']:.2f}", f"{v['achieved_gflops']:.1f}",
+                      f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "unknown", f"{100 * v['of_matmul']:.0f}%")
     console.print(table)
     lines = [f"{name}: {s['measured']:.2f}x the speed (analytic FLOP ratio {s['analytic']:.2f}x)" for name, s in result["speedups"].items()]
-    print_lines(lines + (["peak memory is measured on CUDA only"] if not peak and dev.type == "cpu" else []) + ([f"plot: {plot}"] if plot else []))
+    lines += [f"MFU peak: {result['peak_source']}", f"of matmul: against a {result['matmul_source']} timed now, {result['matmul_gflops']:,.0f} GFLOP/s"]
+    print_lines(lines + (["peak memory is measured on CUDA only"] if dev.type == "cpu" else []) + ([f"plot: {plot}"] if plot else [])
+                + ([f"profiles: {profile}"] if profile else []))

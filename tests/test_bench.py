@@ -117,7 +117,8 @@ def test_bench_command_reports_every_variant(runner, tmp_path):
 
     args = ["bench", "--model", "vit_tiny", "--patch", "8", "--img", "32x64", "--batch", "4", "--steps", "2", "--warmup", "1",
             "--set", "model.embed_dim=32", "--set", "model.depth=2", "--set", "model.num_heads=2", "--set", "model.decoder_embed_dim=16",
-            "--set", "model.decoder_depth=2", "--set", "model.decoder_num_heads=2", "--decoder-depth", "1", "--plot", str(tmp_path / "bench.png"), "--json"]
+            "--set", "model.decoder_depth=2", "--set", "model.decoder_num_heads=2", "--decoder-depth", "1", "--plot", str(tmp_path / "bench.png"),
+            "--profile", str(tmp_path / "profiles"), "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
@@ -129,5 +130,21 @@ def test_bench_command_reports_every_variant(runner, tmp_path):
     assert set(r["speedups"]) == {"mae vs mae w/ [M]", "mae, decoder depth 1 vs mae w/ [M], decoder depth 1", "mae vs contrastive (2 views)"}
     assert all(s["measured"] > 0 and s["analytic"] > 1 for k, s in r["speedups"].items() if "[M]" in k)
     assert (tmp_path / "bench.png").stat().st_size > 0
+    # MFU is rated against a spec peak only: on a CPU there is none, so it says "unknown" instead of a guess
+    assert r["compiled"] is False and r["peak_gflops"] is None and r["peak_source"].startswith("unknown for this CPU")
+    assert all(v["mfu"] is None and 0 < v["of_matmul"] for v in r["variants"].values())
+    assert r["matmul_source"] == "float32 2048x2048 matmul" and r["matmul_gflops"] > 0
+    for slug in ("mae", "mae-w-m", "mae-decoder-depth-1", "contrastive-2-views"):
+        assert '"traceEvents"' in (tmp_path / "profiles" / f"trace-{slug}.json").read_text()
+        assert "Self CPU" in (tmp_path / "profiles" / f"ops-{slug}.txt").read_text()
     missing = runner.invoke(app, ["bench", "-c", str(tmp_path / "none.toml")])
     assert missing.exit_code == 2 and "give --model" in missing.stderr
+
+
+def test_spec_peaks_by_gpu_name():
+    from maecli.bench import spec_tflops
+
+    assert spec_tflops("NVIDIA H200") == spec_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert spec_tflops("NVIDIA H100 PCIe") == 756 and spec_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert spec_tflops("NVIDIA L40S") == 362 and spec_tflops("NVIDIA L40") == 181 and spec_tflops("NVIDIA L4") == 121
+    assert spec_tflops("Tesla V100-SXM2-16GB") is None  # no bf16 tensor cores: unknown, not a guess
