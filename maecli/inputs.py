@@ -12,6 +12,7 @@ One set of rules, for `visualize` and `export features` (and the image reading o
 """
 
 from pathlib import Path
+
 import numpy as np
 import torch
 
