@@ -120,10 +120,11 @@ def test_a_run_folder_has_one_owner_and_a_killed_one_leaves_no_lock(runner, tmp_
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    assert second.returncode == 2
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    line = second.stderr.splitlines()[-1]  # old timm releases warn on import, above it
     host = __import__("socket").gethostname()
-    assert second.stderr.startswith(f"{tmp_path / 'runs' / 'pretrain'}: in use by pid {first.pid} on {host} since ")
-    assert second.stderr.endswith("; wait for it to finish, or use another pretrain.run\n") and second.stderr.count("\n") == 1
+    assert line.startswith(f"{tmp_path / 'runs' / 'pretrain'}: in use by pid {first.pid} on {host} since ")
+    assert line.endswith("; wait for it to finish, or use another pretrain.run")
     # the killed owner's lock is gone with it: the next run takes the folder over
     result = runner.invoke(app, ["pretrain", "-c", str(config), "--json", "--set", "pretrain.steps=3", "--restart"])
     assert result.exit_code == 0, result.output
