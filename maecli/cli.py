@@ -280,15 +280,18 @@ def probe(
     config: ConfigOpt = Path(CONFIG_NAME),
     set_: SetOpt = None,
     checkpoint: CheckpointOpt = None,
-    baseline: Annotated[str | None, typer.Option("--baseline", help="'random': also probe a randomly initialised encoder of the same shape.")] = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="Also probe 'random' (a random-init encoder of the same shape) or 'pixels' (the input pixels); repeatable.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Linear-probe and k-NN accuracy of the frozen encoder on a labeled image folder ([probe] train / val)."""
     from maecli.probe import run_probe
 
-    if baseline not in (None, "random"):
-        raise ConfigError(f"--baseline: the only baseline is 'random' (got {baseline!r})")
-    report = run_probe(load_config(config, set_ or []), checkpoint=checkpoint, baseline=baseline)
+    from maecli.probe import BASELINES
+
+    unknown = [b for b in baseline or [] if b not in BASELINES]
+    if unknown:
+        raise ConfigError(f"--baseline: must be 'random' or 'pixels' (got {unknown[0]!r})")
+    report = run_probe(load_config(config, set_ or []), checkpoint=checkpoint, baselines=tuple(dict.fromkeys(baseline or [])))
     if json_out:
         print_json(report)
         return

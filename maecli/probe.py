@@ -136,7 +136,19 @@ def scores_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]
     return report
 
 
-def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baseline: str | None = None) -> dict[str, Any]:
+BASELINES = ("random", "pixels")
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, h, w, 3) at the model's input size -> their normalized pixels, flattened (N, 3 * h * w): the
+    floor an encoder has to beat (the probe's BatchNorm and linear layer, or k-NN, on the input itself)."""
+    return to_input(images).flatten(1)
+
+
+def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The probes on the pretrained encoder and on each of `baselines`: "random" (a randomly initialised encoder of
+    the same shape) and "pixels" (the input pixels themselves, no encoder)."""
+    assert set(baselines) <= set(BASELINES), f"baselines must be among {BASELINES}, got {baselines}"
     pc = cfg.probe
     notes: list[str] = []
     model, arch, path, device = load_for_inference(cfg, checkpoint or pc.checkpoint, notes)
@@ -145,20 +157,25 @@ def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baseline: str
         notes.append(f"top-5 accuracy not reported: only {len(classes)} classes")
     train_imgs, train_y = load_images(train_items, model.img_size, notes)
     val_imgs, val_y = load_images(val_items, model.img_size, notes)
-    encoders = {"pretrained": model}
-    if baseline == "random":
+    encoders: dict[str, MaskedAutoencoder | None] = {"pretrained": model}
+    if "random" in baselines:
         torch.manual_seed(cfg.project.seed)
         encoders["random init"] = MaskedAutoencoder(**arch)
+    if "pixels" in baselines:
+        encoders["raw pixels"] = None
     out_dir = cfg.run_dir / "probe"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, encoder in encoders.items():
-        train_x, val_x = embed(encoder, train_imgs, pc.pool, device), embed(encoder, val_imgs, pc.pool, device)  # computed once, cached
+        if encoder is None:
+            train_x, val_x = pixel_features(train_imgs), pixel_features(val_imgs)
+        else:  # features computed once, cached
+            train_x, val_x = embed(encoder, train_imgs, pc.pool, device), embed(encoder, val_imgs, pc.pool, device)
         linear = linear_probe(train_x, train_y, val_x, len(classes), epochs=pc.epochs, lr=pc.lr, batch_size=pc.batch_size, seed=cfg.project.seed)
         knn = knn_scores(train_x, train_y, val_x, len(classes), k=pc.k, temperature=pc.temperature)
         results[name] = {"linear": scores_report(linear, val_y, classes), "knn": scores_report(knn, val_y, classes)}
         slug = name.replace(" ", "-")
-        plot_confusion(results[name]["linear"]["confusion"], classes, out_dir / f"confusion-{slug}.png", f"{name} encoder, linear probe")
+        plot_confusion(results[name]["linear"]["confusion"], classes, out_dir / f"confusion-{slug}.png", f"{name}, linear probe")
         results[name]["confusion_png"] = str(out_dir / f"confusion-{slug}.png")
     report = dict(checkpoint=str(path), classes=classes, train_images=len(train_y), val_images=len(val_y), pool=pc.pool, epochs=pc.epochs,
                   k=pc.k, device=str(device), results=results, notes=notes, report=str(out_dir / "report.json"))

@@ -99,5 +99,5 @@ def quickstart(folder: Path, *, overrides: list[str], clips: int = 16, per_class
     say("[bold]5/6 export[/]: the encoder for timm")
     exported = export_encoder(cfg, checkpoint=None, fmt="timm", out=None)
     say("[bold]6/6 probe[/]: road curvature (left / straight / right) from frozen features, against a random-init encoder")
-    probed = run_probe(cfg, baseline="random")
+    probed = run_probe(cfg, baselines=("random",))
     return dict(folder=str(folder), config=str(folder / CONFIG_NAME), store=extracted, pretrain=trained, visualize=shown, export=exported, probe=probed)

@@ -28,15 +28,19 @@ def probe(runner, trained, *args):
     return runner.invoke(app, ["probe", "-c", str(trained / "maecli.toml"), *map(str, args)])
 
 
-def test_separable_set_with_random_baseline(runner, trained, tmp_path):
+def test_separable_set_with_random_and_pixel_baselines(runner, trained, tmp_path):
     train, val = make_set(tmp_path / "train", 30, 0), make_set(tmp_path / "val", 10, 1, size=40)
-    result = probe(runner, trained, "--set", f"probe.train={train}", "--set", f"probe.val={val}", "--set", "probe.epochs=30", "--baseline", "random", "--json")
+    result = probe(runner, trained, "--set", f"probe.train={train}", "--set", f"probe.val={val}", "--set", "probe.epochs=30", "--baseline", "random",
+                   "--baseline", "pixels", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["classes"] == ["blue", "green", "red"] and report["train_images"] == 90 and report["val_images"] == 30
     pre, rnd = report["results"]["pretrained"], report["results"]["random init"]
     assert pre["linear"]["top1"] >= 0.9 and pre["knn"]["top1"] >= 0.9
     assert 0 <= rnd["linear"]["top1"] <= 1 and 0 <= rnd["knn"]["top1"] <= 1  # reported side by side, whatever it is
+    assert list(report["results"]) == ["pretrained", "random init", "raw pixels"]
+    pixels = report["results"]["raw pixels"]  # the colour is in every pixel: the floor is high here
+    assert pixels["linear"]["top1"] >= 0.9 and pixels["knn"]["top1"] >= 0.9 and sum(map(sum, pixels["knn"]["confusion"])) == 30
     assert "top5" not in pre["linear"] and "top-5 accuracy not reported: only 3 classes" in report["notes"]
     assert "resized 30 images from 40x40 to 32x32 (the model's input size)" in report["notes"]
     assert sum(map(sum, pre["linear"]["confusion"])) == 30 and set(pre["linear"]["per_class"]) == set(COLORS)
@@ -92,5 +96,17 @@ def test_bad_labeled_folders(runner, trained, tmp_path, setup, message):
 
 
 def test_unknown_baseline(runner, trained, tmp_path):
-    result = probe(runner, trained, "--baseline", "imagenet")
-    assert result.exit_code == 2 and result.stderr == "--baseline: the only baseline is 'random' (got 'imagenet')\n"
+    result = probe(runner, trained, "--baseline", "random", "--baseline", "imagenet")
+    assert result.exit_code == 2 and result.stderr == "--baseline: must be 'random' or 'pixels' (got 'imagenet')\n"
+
+
+def test_pixel_features_are_the_normalized_input():
+    from maecli.data import IMAGENET_MEAN, IMAGENET_STD
+    from maecli.probe import pixel_features
+
+    images = torch.randint(0, 256, (2, 4, 6, 3), dtype=torch.uint8)  # (N, h, w, 3)
+    x = pixel_features(images)
+    assert x.shape == (2, 3 * 4 * 6)
+    channel_first = images.permute(0, 3, 1, 2).float() / 255  # (N, 3, h, w)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, ((channel_first - mean) / std).reshape(2, -1))
