@@ -210,8 +210,7 @@ def bench_setup(config: Path, overrides: list[str], *, model: str | None, patch:
                 device: str) -> tuple[ModelConfig, torch.device]:
     """What `maecli bench` measures: the model (a preset with --patch/--img, else the project's [model]; --set applies
     on top) and the device."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device: must be auto, cpu or cuda (got {device!r})")
+    dev = pick_device(device, field="--device")
     if model is not None:
         try:
             size = [int(v) for v in (img or "224").lower().split("x")]
@@ -224,7 +223,7 @@ def bench_setup(config: Path, overrides: list[str], *, model: str | None, patch:
         mc = load_config(config, overrides).model
     else:
         raise ConfigError(f"{config}: file not found (give --model, e.g. --model vit_base --patch 16 --img 224, or a project file)")
-    return mc, pick_device(device, field="--device")
+    return mc, dev
 
 
 def run_bench(arch: dict[str, Any], *, batch: int, steps: int, warmup: int, mask_ratio: float, decoder_depths: list[int],

@@ -16,7 +16,8 @@ def pick_device(choice: str, *, gpus: int | None = None, field: str = "project.d
     """The device for `choice` ("auto", "cpu" or "cuda") in this process. `gpus`: the visible GPU count (default:
     what torch sees). Raises ConfigError when CUDA is asked for and absent, or torchrun started more processes on
     this machine than it has GPUs (they would share one and fail inside CUDA)."""
-    assert choice in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {choice!r}"
+    if choice not in ("auto", "cpu", "cuda"):  # the project file's Literal checks it; --device arrives here unchecked
+        raise ConfigError(f"{field}: must be auto, cpu or cuda (got {choice!r})")
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if choice == "cuda" and gpus == 0:
         raise ConfigError(f"{field}: 'cuda' was asked for but torch sees no CUDA device")

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from maecli import __version__
-from maecli.checkpoint import canonical_arch, check_same_arch, load_state, read_weights, resume_checkpoint, save_checkpoint
+from maecli.checkpoint import canonical_arch, check_same_arch, checkpoint_files, load_state, read_weights, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig, PretrainConfig, dump_toml
 from maecli.data import Loader, Plan, augment
 from maecli.device import autocast_for, pick_device, precision
@@ -169,8 +169,8 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
         final_loss=round(log.last_loss, 6), seconds=round(seconds, 2), images_per_s=round((sched.total - start) * sched.batch / seconds, 2),
         data_wait_fraction=round(loader.waited / seconds, 4), effective_batch=sched.batch, lr=sched.lr, device=str(device),
         precision=precision(device), compiled=compiled, world_size=world,
-        checkpoint=str(cfg.run_dir / "checkpoints" / f"step-{sched.total:08d}.safetensors"),
-        snapshot=str(cfg.run_dir / "snapshots" / f"step-{sched.total:08d}.png"), loss_curve=str(cfg.run_dir / "loss.png"), notes=notes,
+        checkpoint=str(checkpoint_files(cfg.run_dir / "checkpoints", sched.total)[0]),
+        snapshot=str(log.snapshot_path(sched.total)), loss_curve=str(cfg.run_dir / "loss.png"), notes=notes,
     ))  # fmt: skip
 
 
@@ -225,8 +225,8 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / "config.toml", dump_toml(cfg))
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
-        kept = [json.loads(line) for line in lines if _parses(line) and json.loads(line)["step"] <= start]
+        rows = map(_row, self.metrics_path.read_text().splitlines()) if self.metrics_path.exists() else []
+        kept = [r for r in rows if r is not None and r["step"] <= start]
         write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         self.last_loss = kept[-1]["loss"] if kept else float("nan")  # a finished run, rerun, still reports its loss
         self.device, self.t, self.waited = device, time.perf_counter(), 0.0
@@ -244,10 +244,12 @@ class RunLog:
         self.t, self.waited, self.last_step, self.last_loss = time.perf_counter(), waited, step, loss
         return row
 
+    def snapshot_path(self, step: int) -> Path:
+        return self.run_dir / "snapshots" / f"step-{step:08d}.png"
+
     def snapshot(self, model: MaskedAutoencoder, step: int) -> None:
-        (self.run_dir / "snapshots").mkdir(exist_ok=True)
-        save_reconstructions(model, self.snap_imgs, self.mask_ratio, self.snap_noise, self.run_dir / "snapshots" / f"step-{step:08d}.png",
-                             f"{self.title}, step {step}")
+        self.snapshot_path(step).parent.mkdir(exist_ok=True)
+        save_reconstructions(model, self.snap_imgs, self.mask_ratio, self.snap_noise, self.snapshot_path(step), f"{self.title}, step {step}")
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         plot_loss(self.metrics_path, self.run_dir / "loss.png", self.title)
@@ -255,11 +257,13 @@ class RunLog:
         return summary
 
 
-def _parses(line: str) -> bool:
+def _row(line: str) -> dict[str, Any] | None:
+    """A metrics line as a dict, or None for a torn one (a kill mid-append)."""
     try:
-        return isinstance(json.loads(line), dict)
+        row = json.loads(line)
     except json.JSONDecodeError:
-        return False
+        return None
+    return row if isinstance(row, dict) else None
 
 
 @contextmanager
