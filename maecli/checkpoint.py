@@ -253,7 +253,7 @@ def read_weights(path: Path) -> tuple[StateDict, dict[str, Any] | None]:
     raise CheckpointError(f"{path}: unknown weights format (expected .safetensors, an official MAE .pth, or a Hugging Face folder)")
 
 
-def load_state(model: MaskedAutoencoder, state_dict: StateDict, source: Path | str, *, encoder_only_ok: bool = False) -> list[str]:
+def load_state(model: torch.nn.Module, state_dict: StateDict, source: Path | str, *, encoder_only_ok: bool = False) -> list[str]:
     """Copy `state_dict` into `model`, naming the first key that is missing, extra or of the wrong shape.
 
     With `encoder_only_ok`, a file without the decoder (as the official pretrained releases are) loads
@@ -295,7 +295,7 @@ def checkpoint_steps(ckpt_dir: Path) -> list[int]:
     return sorted(s for s in found if checkpoint_files(ckpt_dir, s)[1].exists())
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, arch: dict[str, Any],
+def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, arch: dict[str, Any],
                     metadata: dict[str, str], keep_last: int) -> Path:
     """Write the pair for `step` (state first, so a pair whose weights exist is complete), then delete all but the
     newest `keep_last` pairs. Returns the weights' path. A failed write (a full disk) leaves no half pair."""
@@ -314,8 +314,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: MaskedAutoencoder, optimiz
     return weights
 
 
-def resume_checkpoint(ckpt_dir: Path, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, arch: dict[str, Any],
-                      device: torch.device, notes: list[str]) -> tuple[int, Path | None]:
+def resume_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, arch: dict[str, Any],
+                      device: torch.device, notes: list[str], run_field: str = "pretrain.run") -> tuple[int, Path | None]:
     """Load the newest readable pair into `model` and `optimizer`: (its step, its weights), or (0, None) if none.
     A damaged newer pair (truncated by a bad copy, say) is skipped with a note. Weights of another shape are
     refused, naming the first differing key."""
@@ -327,7 +327,7 @@ def resume_checkpoint(ckpt_dir: Path, model: MaskedAutoencoder, optimizer: torch
         except Exception as err:  # torch raises many types for a damaged file; all mean "cannot resume from this pair"
             notes.append(f"skipped {weights.name} and {state.name}: unreadable ({_reason(err)}); trying an older checkpoint")
             continue
-        check_same_arch(found, arch, ckpt_dir.parent, "this run was trained with another model shape (use --restart to start over, or another pretrain.run)")
+        check_same_arch(found, arch, ckpt_dir.parent, f"this run was trained with another model shape (use --restart to start over, or another {run_field})")
         load_state(model, state_dict, weights)
         optimizer.load_state_dict(opt_state)
         return step, weights
@@ -360,6 +360,8 @@ def _reason(err: Exception) -> str:
 def load_model(path: Path, arch: dict[str, Any] | None = None, *, encoder_only_ok: bool = False) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     """Build the model a weights file describes (or `arch`, for files that record none) and load it strictly."""
     state_dict, file_arch = read_weights(path)
+    if "head.weight" in state_dict:
+        raise CheckpointError(f"{path}: a fine-tuned classifier (from maecli finetune), not MAE weights; load it with timm (see its classifier.json)")
     arch = file_arch or arch
     if arch is None:
         raise CheckpointError(f"{path}: the file records no architecture; give the model size in the [model] section")

@@ -284,9 +284,7 @@ def probe(
     json_out: JsonOpt = False,
 ) -> None:
     """Linear-probe and k-NN accuracy of the frozen encoder on a labeled image folder ([probe] train / val)."""
-    from maecli.probe import run_probe
-
-    from maecli.probe import BASELINES
+    from maecli.probe import BASELINES, run_probe
 
     unknown = [b for b in baseline or [] if b not in BASELINES]
     if unknown:
@@ -298,6 +296,51 @@ def probe(
     print_lines(report["notes"])
     print_probe_table(report)
     print_lines([f"report: {report['report']}", f"confusion matrix: {report['results']['pretrained']['confusion_png']}"])
+
+
+@app.command()
+@reports_errors
+def finetune(
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    checkpoint: CheckpointOpt = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="Also fine-tune 'random': a random-init encoder of the same shape, same recipe.")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Delete these fine-tuning runs and start over.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fine-tune the encoder with a linear head on the labeled set ([probe] train / val, recipe in [finetune]); resumes."""
+    from maecli.finetune import BASELINES, run_finetune
+
+    unknown = [b for b in baseline or [] if b not in BASELINES]
+    if unknown:
+        raise ConfigError(f"--baseline: must be 'random' (got {unknown[0]!r})")
+    report = run_finetune(load_config(config, set_ or []), checkpoint=checkpoint, baselines=tuple(dict.fromkeys(baseline or [])), restart=restart,
+                          console=console)
+    if report is None:  # not the main process under torchrun
+        return
+    if json_out:
+        print_json(report)
+        return
+    print_lines(report["notes"] + [n for r in report["results"].values() for n in r["notes"]])
+    print_finetune_table(report)
+    print_lines([f"report: {report['report']}", f"learning curves: {report['curves_png']}"]
+                + [f"{name}: {r['classifier']}; load it with: {r['snippet']}" for name, r in report["results"].items()])
+
+
+def print_finetune_table(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    recipe = report["recipe"]
+    blocks = "all blocks" if recipe["blocks"] < 0 else "the head only" if recipe["blocks"] == 0 else f"the last {recipe['blocks']} blocks"
+    table = Table(title=f"fine-tuned ({blocks}, {recipe['epochs']} epochs): {len(report['classes'])} classes, "
+                        f"{report['train_images']} train / {report['val_images']} val images")
+    for col in ["encoder", "top-1"] + (["top-5"] if len(report["classes"]) > 5 else []) + ["best epoch on val", "train img/s"]:
+        table.add_column(col, justify="left" if col == "encoder" else "right")
+    for name, r in report["results"].items():
+        best = f"{100 * r['best_val_top1']:.1f}% (epoch {r['best_epoch']})" if r["best_epoch"] else "-"
+        table.add_row(name, f"{100 * r['top1']:.1f}%", *([f"{100 * r['top5']:.1f}%"] if "top5" in r else []), best,
+                      f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-")
+    console.print(table)
 
 
 def print_probe_table(report: dict[str, Any]) -> None:

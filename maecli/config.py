@@ -53,6 +53,12 @@ def _positive(value: tuple[int, int]) -> tuple[int, int]:
     return value
 
 
+def _area_range(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < value[0] <= value[1] <= 1:
+        raise ValueError(f"must be [low, high] with 0 < low <= high <= 1 (got {list(value)})")
+    return value
+
+
 # An image size: one number for a square, or [height, width].
 Size = Annotated[tuple[int, int], BeforeValidator(_square), AfterValidator(_positive)]
 
@@ -193,12 +199,7 @@ class PretrainConfig(Section):
     log_every: int = Field(20, gt=0, description="Append a metrics line every this many steps.")
     init_from: str = Field("", description="Start from these weights: a maecli checkpoint, an official MAE .pth or a Hugging Face ViTMAE folder.")
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1] <= 1:
-            raise ValueError(f"must be [low, high] with 0 < low <= high <= 1 (got {list(value)})")
-        return value
+    _scale_range = field_validator("crop_scale")(_area_range)
 
     _resolve_init_from = field_validator("init_from")(_resolve_optional)
 
@@ -253,6 +254,35 @@ class ProbeConfig(Section):
     _resolve_paths = field_validator("train", "val", "checkpoint")(_resolve_optional)
 
 
+class FinetuneConfig(Section):
+    """Fine-tuning the encoder with a linear head on the labeled set of [probe] (train / val): the MAE fine-tuning
+    recipe (AdamW, layer-wise lr decay, warmup + cosine, drop path, label smoothing), sized for small label sets."""
+
+    checkpoint: str = Field("", description="Encoder to fine-tune (default: the pretraining run's latest checkpoint).")
+    run: str = Field("finetune", min_length=1, description="Folder for the fine-tuning runs, inside the pretraining run folder.")
+    epochs: int = Field(30, gt=0, description="Passes over the labeled train images.")
+    batch_size: int = Field(64, gt=0, description="Images per device per step (the effective batch is batch_size x devices).")
+    blr: float = Field(1e-3, gt=0, description="Base learning rate: lr = blr x effective batch / 256.")
+    lr: float = Field(0.0, ge=0, description="Absolute learning rate (0: from blr).")
+    min_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine decay.")
+    warmup_epochs: float = Field(3.0, ge=0, description="Linear warmup length in epochs.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (none on biases, norms, position embeddings and tokens).")
+    layer_decay: float = Field(0.75, gt=0, le=1, description="Layer-wise lr decay: block i of D trains at lr x layer_decay^(D - i); the head at lr.")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="Stochastic depth rate of the last block (linear from 0 over the blocks).")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy targets.")
+    blocks: int = Field(-1, ge=-1, description="Train only the last N encoder blocks (and the final norm) with the head; 0: the head only; -1: all.")
+    crop_scale: tuple[float, float] = Field((0.5, 1.0), description="Random resized crop: range of the crop's area as a fraction of the image.")
+    hflip: bool = Field(False, description="Random horizontal flips (off by default: they change the meaning of signs, arrows and text).")
+    mixup: float = Field(0.0, ge=0, description="Mixup's Beta(alpha, alpha) (0: off).")
+    cutmix: float = Field(0.0, ge=0, description="CutMix's Beta(alpha, alpha) (0: off); with mixup too, each step picks one of them.")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model (auto: on CUDA only).")
+    checkpoint_every: int = Field(1, gt=0, description="Evaluate and write a checkpoint every this many epochs (and at the end).")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept per run (older ones are deleted).")
+
+    _scale_range = field_validator("crop_scale")(_area_range)
+    _resolve_checkpoint = field_validator("checkpoint")(_resolve_optional)
+
+
 class MaecliConfig(Section):
     project: ProjectConfig = Field(default_factory=dict)
     model: ModelConfig = Field(default_factory=dict)
@@ -261,6 +291,7 @@ class MaecliConfig(Section):
     visualize: VisualizeConfig = Field(default_factory=dict)
     export: ExportConfig = Field(default_factory=dict)
     probe: ProbeConfig = Field(default_factory=dict)
+    finetune: FinetuneConfig = Field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -421,7 +452,7 @@ def template() -> str:
     out = ["# maecli project file. Every option is shown at its default; relative paths are relative to this file.", ""]
     for name, field in MaecliConfig.model_fields.items():
         section = field.annotation
-        out += [f"# {section.__doc__.strip()}", f"[{name}]"]
+        out += [f"# {line.strip()}" for line in section.__doc__.strip().splitlines()] + [f"[{name}]"]
         for key, info in section.model_fields.items():
             out.append(f"# {info.description}")
             if info.is_required():  # sized by the preset: shown commented, at the default preset's value

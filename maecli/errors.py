@@ -26,3 +26,7 @@ class Interrupted(MaecliError):
 
 class CheckpointError(MaecliError):
     """A weights file cannot be read or does not fit the model (exit code 1)."""
+
+
+class NonFiniteLoss(MaecliError):
+    """Training diverged (a NaN or infinite loss): the job stops, naming the step and its last good checkpoint."""

@@ -1,10 +1,8 @@
 """`maecli export`: the encoder for timm or Hugging Face, and frozen-encoder features for a store, images or a video.
 
-Encoder weights keep the official MAE / timm key names (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
-`blocks.N.*`, `norm.*`), so `timm.create_model(name, num_classes=0, pretrained=True,
-pretrained_cfg_overlay=dict(file=..., custom_load=False))` loads them strictly (`custom_load=False`: some
-registered names default to a JAX .npz loader, which timm < 1.0.31 keeps for an overlaid file). Features are written in chunks that a
-rerun skips, then joined into one `.safetensors` with an index of every row's provenance.
+Encoder weights keep the official MAE / timm key names, so timm loads them strictly (`maecli.vit` has the
+spec and the loader line). Features are written in chunks that a rerun skips, then joined into one
+`.safetensors` with an index of every row's provenance.
 """
 
 import json
@@ -18,41 +16,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 
 from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint, save_hf
-from maecli.config import PRESETS, MaecliConfig
+from maecli.config import MaecliConfig
 from maecli.device import autocast_for
 from maecli.files import atomic_write, write_json
 from maecli.inference import load_for_inference, pool_features
 from maecli.inputs import Inputs
-from maecli.model import MaskedAutoencoder
-
-TIMM_SIZES = {(s["embed_dim"], s["depth"], s["num_heads"]): name.removeprefix("vit_") for name, s in PRESETS.items()}  # timm's names
-
-
-def encoder_state_dict(model: MaskedAutoencoder) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
-
-
-def timm_spec(arch: dict[str, Any]) -> dict[str, Any]:
-    """How timm builds this encoder: a registered model name when one has these sizes, and the keyword arguments."""
-    import timm
-
-    arch = canonical_arch(arch)
-    kwargs = dict(img_size=arch["img_size"], patch_size=arch["patch_size"], embed_dim=arch["embed_dim"], depth=arch["depth"],
-                  num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"], qkv_bias=True, class_token=True, global_pool="token", num_classes=0)
-    size = TIMM_SIZES.get((arch["embed_dim"], arch["depth"], arch["num_heads"]))
-    name = f"vit_{size}_patch{arch['patch_size']}_224" if size and arch["mlp_ratio"] == 4.0 else None
-    return {"timm_model": name if name and timm.is_model(name) else None, "kwargs": kwargs}
-
-
-def load_snippet(spec: dict[str, Any], weights: Path) -> str:
-    if spec["timm_model"]:
-        size = "" if spec["kwargs"]["img_size"] == [224, 224] else f", img_size={tuple(spec['kwargs']['img_size'])}"
-        return (f"timm.create_model({spec['timm_model']!r}, num_classes=0{size}, pretrained=True, "
-                f"pretrained_cfg_overlay=dict(file={str(weights)!r}, custom_load=False))")
-    kwargs = {**spec["kwargs"], "img_size": tuple(spec["kwargs"]["img_size"])}
-    return (f"m = timm.models.VisionTransformer(**{kwargs!r}); "
-            f"m.load_state_dict(safetensors.torch.load_file({str(weights)!r}))")
-
+from maecli.vit import encoder_state_dict, load_snippet, timm_spec
 
 def export_encoder(cfg: MaecliConfig, *, checkpoint: str | None, fmt: str, out: str | None) -> dict[str, Any]:
     notes: list[str] = []
@@ -71,7 +40,7 @@ def export_encoder(cfg: MaecliConfig, *, checkpoint: str | None, fmt: str, out: 
         save_file({k: v.contiguous() for k, v in encoder_state_dict(model).items()}, tmp, metadata={"format": "pt", "source": str(path)})
     write_json(folder / "encoder.json", spec)
     return dict(format="timm", checkpoint=str(path), path=str(weights), spec=str(folder / "encoder.json"), timm_model=spec["timm_model"],
-                snippet=f"import timm, safetensors.torch; {load_snippet(spec, weights)}", notes=notes)
+                snippet=f"import timm, safetensors.torch; {load_snippet(spec, str(weights))}", notes=notes)
 
 
 # --- features -----------------------------------------------------------------------------------

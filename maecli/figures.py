@@ -1,7 +1,6 @@
 """The pictures maecli writes: reconstruction grids (PIL) and plots (matplotlib's object API, so a notebook's
 backend is never switched). Every file is written atomically."""
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from maecli.files import atomic_write
+from maecli.files import atomic_write, read_lines
 from maecli.inference import STATS_LABELS, reconstruct
 from maecli.model import MaskedAutoencoder
 
@@ -52,12 +51,30 @@ def _save(fig: Any, path: Path) -> None:
 def plot_loss(metrics: Path, path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = read_lines(metrics)
     fig = Figure(figsize=(6, 3.5), dpi=100)
     ax = fig.add_subplot()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
     ax.set(xlabel="step", ylabel="loss (MSE on masked patches)", title=f"{title}: pretraining loss")
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """Fine-tuning curves, one line per run: training loss and validation top-1 by epoch."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.5), dpi=100)
+    loss_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, rows in runs.items():
+        epochs = [r["epoch"] for r in rows]
+        loss_ax.plot(epochs, [r["train_loss"] for r in rows], marker=".", label=name)
+        acc_ax.plot(epochs, [100 * r["val_top1"] for r in rows], marker=".", label=name)
+    loss_ax.set(xlabel="epoch", ylabel="training loss (smoothed cross-entropy)", title=f"{title}: training loss")
+    acc_ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"{title}: validation accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
     _save(fig, path)
 
 

@@ -88,6 +88,19 @@ def append_line(path: Path, line: str) -> None:
         raise
 
 
+def read_lines(path: Path, keep: Any = None) -> list[dict[str, Any]]:
+    """A JSON-lines log as dicts, dropping a torn line (a kill mid-append) and, with `keep`, rows it rejects."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and (keep is None or keep(row)):
+            rows.append(row)
+    return rows
+
+
 @contextmanager
 def locked(lock: Path) -> Iterator[str | None]:
     """Try to hold the lock file `lock` while the block runs. Yields None when this process holds it, else who does

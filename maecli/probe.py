@@ -10,10 +10,8 @@ Both report top-1 (top-5 with more than 5 classes), per-class accuracy and a con
 """
 
 import math
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,58 +19,11 @@ import torch.nn.functional as F
 from maecli.config import MaecliConfig
 from maecli.data import to_input
 from maecli.device import autocast_for
-from maecli.errors import ConfigError
 from maecli.figures import plot_confusion
 from maecli.files import write_json
 from maecli.inference import load_for_inference, pool_features
-from maecli.inputs import ignored_in, list_images, read_images, resize_notes
+from maecli.labeled import labeled_split, load_images, scores_report
 from maecli.model import MaskedAutoencoder
-
-
-def labeled_split(cfg: MaecliConfig, notes: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]], list[str]]:
-    """(train items, val items, class names) from the train folder and the val folder or a stratified split of train."""
-    pc = cfg.probe
-    if not pc.train:
-        raise ConfigError("probe.train: no labeled images given (a folder with one sub-folder per class)")
-    sets = {}
-    for name, folder in (("train", pc.train), ("val", pc.val)):
-        if not folder:
-            continue
-        if not Path(folder).is_dir():
-            raise ConfigError(f"probe.{name}: {folder} is not a folder")
-        found = list_images(Path(folder))
-        items = [(p, c) for p, c in found if c]
-        notes += ignored_in(Path(folder)) + [f"ignored {p}: not in a class folder" for p, c in found if not c]
-        if not items:
-            raise ConfigError(f"probe.{name}: {folder} holds no images in class sub-folders")
-        sets[name] = items
-    classes = sorted({c for items in sets.values() for _, c in items})
-    if len({c for _, c in sets["train"]}) < 2:
-        raise ConfigError(f"probe.train: {pc.train} has only one class ({classes[0]}); a probe needs at least two")
-    index = {c: i for i, c in enumerate(classes)}
-    train = [(p, index[c]) for p, c in sets["train"]]
-    if "val" in sets:
-        return train, [(p, index[c]) for p, c in sets["val"]], classes
-    rng = np.random.default_rng([cfg.project.seed, 4])
-    val_idx = []
-    for k in range(len(classes)):  # stratified: the same fraction of every class, at least one when the class has two
-        members = [i for i, (_, y) in enumerate(train) if y == k]
-        take = min(len(members) - 1, max(1, round(len(members) * pc.val_fraction))) if len(members) > 1 else 0
-        val_idx += rng.permutation(members)[:take].tolist()
-    chosen = set(val_idx)
-    if not chosen:
-        raise ConfigError("probe.train: too few images per class to hold out a validation split (give probe.val)")
-    notes.append(f"no val folder: held out {len(chosen)} of {len(train)} images ({pc.val_fraction:g} of each class, seed {cfg.project.seed})")
-    return [t for i, t in enumerate(train) if i not in chosen], [train[i] for i in sorted(chosen)], classes
-
-
-def load_images(items: list[tuple[Path, int]], size: tuple[int, int], notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, h, w, 3) at the model's size and labels (N,); unreadable files are skipped and reported."""
-    images, kept, originals, failures = read_images([p for p, _ in items], size)
-    notes += failures + resize_notes(originals, size)
-    if not images:
-        raise ConfigError(f"probe: none of the {len(items)} images could be read")
-    return torch.from_numpy(np.stack(images)), torch.tensor([items[i][1] for i in kept])
 
 
 @torch.no_grad()
@@ -122,18 +73,6 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
     votes = torch.zeros(len(val_x), num_classes)
     votes.scatter_add_(1, train_y[idx], (sims / temperature).exp())
     return votes
-
-
-def scores_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    C = len(classes)
-    pred = scores.argmax(1)
-    confusion = torch.zeros(C, C, dtype=torch.long)
-    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)  # rows: truth, columns: prediction
-    per_class = {c: (confusion[i, i] / confusion[i].sum()).item() if confusion[i].sum() else None for i, c in enumerate(classes)}
-    report = {"top1": (pred == labels).float().mean().item(), "per_class": per_class, "confusion": confusion.tolist()}
-    if C > 5:
-        report["top5"] = (scores.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
-    return report
 
 
 BASELINES = ("random", "pixels")

@@ -6,15 +6,9 @@ process writes files and prints. Checkpoints (their layout, saving, pruning, res
 """
 
 import json
-import math
-import os
-import resource
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,44 +16,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from maecli import __version__
 from maecli.checkpoint import canonical_arch, check_same_arch, checkpoint_files, load_state, read_weights, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig, PretrainConfig, dump_toml
 from maecli.data import Loader, Plan, augment
 from maecli.device import autocast_for, pick_device, precision
-from maecli.errors import ConfigError, Interrupted, MaecliError
+from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
 from maecli.figures import plot_loss, save_reconstructions
-from maecli.files import append_line, owned, write_json, write_text
+from maecli.files import append_line, owned, read_lines, write_json, write_text
 from maecli.inference import fixed_noise
 from maecli.inputs import Inputs, shown_split
+from maecli.loop import distributed, get_lr, param_groups, peak_memory_mib, progress_bar, stop_on_ctrl_c
 from maecli.model import MaskedAutoencoder
 from maecli.store import FrameStore
-
-
-class NonFiniteLoss(MaecliError):
-    pass
-
-
-def get_lr(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warmup from 0, then a half-cycle cosine from lr to min_lr, evaluated every optimizer step."""
-    if step < warmup:
-        return lr * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norm weights (1-D), position embeddings and tokens."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in NO_DECAY else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass(frozen=True)
@@ -90,17 +60,9 @@ class Schedule:
 
 def pretrain(cfg: MaecliConfig, *, restart: bool = False, console: Console | None = None) -> dict[str, Any] | None:
     """Train (or resume) the run in `cfg.run_dir`; returns the summary. Under torchrun, every rank calls this."""
-    distributed = "RANK" in os.environ
     device = pick_device(cfg.project.device)  # before any collective: a bad setting stops every rank at once
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    try:
-        with owned(cfg.run_dir, "pretrain.run") if rank == 0 else nullcontext():  # the ranks of one run are one owner
-            return _run(cfg, restart, console if rank == 0 else None, rank, world, device)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
+    with distributed(device) as (rank, world), owned(cfg.run_dir, "pretrain.run") if rank == 0 else nullcontext():  # the ranks of one run are one owner
+        return _run(cfg, restart, console if rank == 0 else None, rank, world, device)
 
 
 def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
@@ -125,7 +87,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, found without a host sync
     last_ckpt, t_run = None, time.perf_counter()
     try:
-        with stop_on_ctrl_c(enabled=world == 1) as stop, progress_bar(console) as progress:
+        with stop_on_ctrl_c(enabled=world == 1) as stop, progress_bar(console, "pretrain") as progress:
             task = progress.add_task("pretrain", total=sched.total, completed=start, epoch=start // sched.steps_per_epoch, loss="-", lr="-", ips="-")
             for step in range(start, sched.total):
                 lr = get_lr(step, total=sched.total, warmup=sched.warmup, lr=sched.lr, min_lr=pc.min_lr)
@@ -225,8 +187,7 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / "config.toml", dump_toml(cfg))
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        rows = map(_row, self.metrics_path.read_text().splitlines()) if self.metrics_path.exists() else []
-        kept = [r for r in rows if r is not None and r["step"] <= start]
+        kept = read_lines(self.metrics_path, keep=lambda r: r["step"] <= start)
         write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         self.last_loss = kept[-1]["loss"] if kept else float("nan")  # a finished run, rerun, still reports its loss
         self.device, self.t, self.waited = device, time.perf_counter(), 0.0
@@ -257,45 +218,3 @@ class RunLog:
         return summary
 
 
-def _row(line: str) -> dict[str, Any] | None:
-    """A metrics line as a dict, or None for a torn one (a kill mid-append)."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
-@contextmanager
-def stop_on_ctrl_c(enabled: bool) -> Iterator[dict[str, bool]]:
-    """Ctrl-C sets `stop["requested"]`: the loop finishes its step, writes a checkpoint and stops; a second Ctrl-C
-    stops at once. Single-process only: under torchrun the flag would reach rank 0 alone and desynchronize the
-    collectives; torchrun stops its workers, and the run resumes from its last checkpoint."""
-    stop = {"requested": False}
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def request_stop(signum: int, frame: Any) -> None:
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, request_stop)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def progress_bar(console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("pretrain"), BarColumn(), TextColumn("step {task.completed}/{task.total}  epoch {task.fields[epoch]}  "
-        "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=console, disable=console is None or not console.is_terminal,
-    )  # fmt: skip
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB

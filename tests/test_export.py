@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from maecli.checkpoint import load_model, read_weights
 from maecli.cli import app
 from maecli.data import augment, center_crop
-from maecli.export import encoder_state_dict, load_snippet, timm_spec
+from maecli.vit import encoder_state_dict, load_snippet, timm_spec
 from maecli.model import MaskedAutoencoder
 from maecli.store import FrameStore
 from tests.conftest import write_project

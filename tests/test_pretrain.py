@@ -14,7 +14,7 @@ import torch
 from maecli.checkpoint import read_weights, save_hf, save_official
 from maecli.cli import app
 from maecli.model import MaskedAutoencoder
-from maecli.train import get_lr, param_groups
+from maecli.loop import get_lr, param_groups
 from tests.conftest import TINY, write_project
 
 def project(folder: Path, store: Path, **pretrain) -> Path:

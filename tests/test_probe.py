@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from maecli.cli import app
-from maecli.probe import knn_scores, scores_report
+from maecli.labeled import scores_report
+from maecli.probe import knn_scores
 
 COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 

@@ -1,0 +1,287 @@
+"""`maecli finetune`: the encoder plus a linear head, trained on the labeled set of [probe], as users adopt a backbone.
+
+The MAE fine-tuning recipe, scaled to small label sets: timm's VisionTransformer holding the encoder's weights and a
+fresh head on the class token; AdamW with layer-wise lr decay, linear warmup then cosine, drop path, label
+smoothing; random resized crops (optional flips, mixup, cutmix) done batched on the device from uint8 images held in
+memory (few labels: a few thousand small images). `blocks = N` trains only the last N blocks and the final norm with
+the head (partial fine-tuning; 0: the head alone). `--baseline random` runs the same recipe and budget from a
+random-init encoder of the same shape.
+
+Every random choice is a function of (seed, step): the epoch's order (`data.Plan`), each sample's crop, the mixing,
+drop path. A run evaluates on val at every epoch end (the learning curves), checkpoints every `checkpoint_every`
+epochs, and a killed run resumes from its last checkpoint bit for bit (on the CPU). The reported accuracy is the
+last epoch's: picking the best epoch on val would tune to the evaluation set. Under torchrun each rank takes its
+slice of the global batch (DDP).
+"""
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from safetensors.torch import save_file
+
+from maecli import __version__
+from maecli.checkpoint import canonical_arch, resume_checkpoint, save_checkpoint
+from maecli.config import MaecliConfig
+from maecli.data import Plan, augment, crop_boxes, to_input
+from maecli.device import autocast_for, pick_device, precision
+from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
+from maecli.figures import plot_confusion, plot_curves
+from maecli.files import append_line, atomic_write, owned, read_lines, write_json, write_text
+from maecli.inference import load_for_inference
+from maecli.labeled import labeled_split, load_images, scores_report
+from maecli.loop import decays, distributed, get_lr, progress_bar, stop_on_ctrl_c
+from maecli.model import MaskedAutoencoder
+from maecli.vit import classifier, load_snippet, timm_spec
+
+BASELINES = ("random",)
+RESUMABLE = ("checkpoint_every", "keep_last", "compile")  # settings a run may change between resumes
+
+
+@dataclass(frozen=True)
+class Labeled:
+    """The labeled set in memory: uint8 images (N, h, w, 3) at the model's input size, labels (N,), class names."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    classes: list[str]
+
+
+def run_finetune(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines: tuple[str, ...] = (), restart: bool = False,
+                 console: Console | None = None) -> dict[str, Any] | None:
+    """Fine-tune the pretrained encoder (and each baseline's) on the labeled set; returns the report (None on the
+    other ranks under torchrun). Each encoder is its own resumable run in `<run folder>/<finetune.run>/<name>`."""
+    assert set(baselines) <= set(BASELINES), f"baselines must be among {BASELINES}, got {baselines}"
+    fc, notes = cfg.finetune, []
+    device = pick_device(cfg.project.device)
+    encoder, arch, path, _ = load_for_inference(cfg, checkpoint or fc.checkpoint, notes)
+    if fc.blocks > arch["depth"]:
+        raise ConfigError(f"finetune.blocks: the encoder has {arch['depth']} blocks (got {fc.blocks})")
+    train_items, val_items, classes = labeled_split(cfg, notes)
+    train_x, train_y = load_images(train_items, encoder.img_size, notes)
+    val_x, val_y = load_images(val_items, encoder.img_size, notes)
+    data = Labeled(train_x, train_y, val_x, val_y, classes)
+    encoders = {"pretrained": encoder}
+    if "random" in baselines:
+        torch.manual_seed(cfg.project.seed)
+        encoders["random init"] = MaskedAutoencoder(**arch)
+    out = cfg.run_dir / fc.run
+    with distributed(device) as (rank, world), owned(out, "finetune.run") if rank == 0 else nullcontext():
+        settings = dict(source=str(path), classes=classes, seed=cfg.project.seed, **fc.model_dump(mode="json", exclude={"checkpoint", *RESUMABLE}))
+        results = {name: _train(cfg, enc, arch, data, out / name.replace(" ", "-"), settings, rank, world, device, restart,
+                                console if rank == 0 else None) for name, enc in encoders.items()}
+    if rank != 0:
+        return None
+    plot_curves({name: r["curve"] for name, r in results.items()}, out / "curves.png", cfg.project.name)
+    report = dict(checkpoint=str(path), classes=classes, train_images=len(train_y), val_images=len(val_y), device=str(device),
+                  precision=precision(device), world_size=world, recipe=fc.model_dump(mode="json"), results=results,
+                  curves_png=str(out / "curves.png"), notes=notes, report=str(out / "report.json"))
+    write_json(out / "report.json", report)
+    return report
+
+
+def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], data: Labeled, run_dir: Path, settings: dict[str, Any],
+           rank: int, world: int, device: torch.device, restart: bool, console: Console | None) -> dict[str, Any] | None:
+    fc, seed, is_main = cfg.finetune, cfg.project.seed, rank == 0
+    plan = Plan(num_frames=len(data.train_y), batch_size=fc.batch_size, world_size=world, rank=rank, seed=seed)
+    steps_per_epoch = plan.micro_steps_per_epoch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"finetune.batch_size: {len(data.train_y)} labeled train images, fewer than one step needs "
+                          f"({fc.batch_size} x {world} devices)")
+    total, warmup = fc.epochs * steps_per_epoch, round(fc.warmup_epochs * steps_per_epoch)
+    lr = fc.lr or fc.blr * plan.global_batch / 256
+    if restart and is_main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    check_settings(run_dir, settings, is_main)
+
+    torch.manual_seed(seed)
+    raw = classifier(encoder, arch, len(data.classes), drop_path=fc.drop_path).to(device)
+    freeze(raw, fc.blocks)
+    optimizer = torch.optim.AdamW(layer_groups(raw, fc.weight_decay, fc.layer_decay), lr=lr, fused=True)
+    ckpt_arch = {**canonical_arch(arch), "num_classes": len(data.classes)}
+    notes: list[str] = []
+    start, weights = resume_checkpoint(run_dir / "checkpoints", raw, optimizer, ckpt_arch, device, notes, run_field="finetune.run")
+    if weights is not None:
+        notes.append(f"resumed from step {start} ({weights})")
+    compiled = fc.compile is True or (fc.compile == "auto" and device.type == "cuda")
+    model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
+    model = torch.compile(model) if compiled else model
+    autocast = autocast_for(device)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)  # uint8 (N, h, w, 3), (N,)
+    size, C = tuple(train_x.shape[1:3]), len(data.classes)
+    metrics = run_dir / "metrics.jsonl"
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "settings.json", settings)
+        kept = read_lines(metrics, keep=lambda r: r["step"] <= start)  # a killed run's later rows go
+        write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    loss_sum, loss_steps, last_ckpt, t_run, t_epoch = torch.zeros((), device=device), 0, weights, time.perf_counter(), time.perf_counter()
+    name = run_dir.name.replace("-", " ")
+    with stop_on_ctrl_c(enabled=world == 1) as stop, progress_bar(console, f"finetune {name}") as progress:
+        task = progress.add_task("finetune", total=total, completed=start, epoch=start // steps_per_epoch, loss="-", lr="-", ips="-")
+        for step in range(start, total):
+            step_lr = get_lr(step, total=total, warmup=warmup, lr=lr, min_lr=fc.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr * group["lr_scale"]
+            rng = np.random.default_rng([seed, 5, step])
+            theta = torch.from_numpy(crop_boxes(rng, plan.global_batch, size, size, fc.crop_scale, fc.hflip)[plan.rank_slice()])  # (B, 2, 3)
+            idx = torch.from_numpy(plan.indices(step)).to(device)  # (B,)
+            imgs = augment(train_x[idx], theta, size)  # (B, 3, h, w)
+            targets = F.one_hot(train_y[idx], C).float() * (1 - fc.label_smoothing) + fc.label_smoothing / C  # (B, C)
+            imgs, targets = mix(rng, imgs, targets, fc.mixup, fc.cutmix)
+            torch.manual_seed(int(np.random.SeedSequence([seed, 7, step, rank]).generate_state(1)[0]))  # drop path
+            with autocast:
+                logits = model(imgs)  # (B, C)
+            loss = F.cross_entropy(logits.float(), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            loss_steps += 1
+            done = step + 1
+            epoch_end = done % steps_per_epoch == 0
+            if epoch_end or stop["requested"]:
+                train_loss = epoch_loss(loss_sum, loss_steps, world)
+                if not math.isfinite(train_loss):
+                    good = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                    raise NonFiniteLoss(f"finetune {name}: loss is {train_loss} (not finite) in epoch {done // steps_per_epoch + 1}; stopped, {good}")
+                loss_sum.zero_()
+                if is_main and epoch_end:
+                    val_logits = evaluate(raw, data.val_x, device, autocast)
+                    seconds = time.perf_counter() - t_epoch
+                    row = dict(epoch=done // steps_per_epoch, step=done, train_loss=round(train_loss, 6), val_loss=round(F.cross_entropy(val_logits, data.val_y).item(), 6),
+                               val_top1=round((val_logits.argmax(1) == data.val_y).float().mean().item(), 6), lr=step_lr,
+                               images_per_s=round(loss_steps * plan.global_batch / seconds, 2))
+                    append_line(metrics, json.dumps(row))
+                    progress.update(task, epoch=row["epoch"], loss=f"{train_loss:.4f}", lr=f"{step_lr:.2e}", ips=f"{row['images_per_s']:.1f}")
+                loss_steps, t_epoch = 0, time.perf_counter()
+                if is_main and ((epoch_end and (done // steps_per_epoch) % fc.checkpoint_every == 0) or done == total or stop["requested"]):
+                    meta = {"config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__, "classes": json.dumps(data.classes)}
+                    last_ckpt = save_checkpoint(run_dir / "checkpoints", done, raw, optimizer, ckpt_arch, meta, fc.keep_last)
+            progress.update(task, completed=done)
+            if stop["requested"]:
+                raise Interrupted(f"interrupted: checkpoint written at step {done} ({last_ckpt}); run the same command again to resume")
+    if not is_main:
+        return None
+    seconds = time.perf_counter() - t_run
+    return finish(raw, arch, data, run_dir, evaluate(raw, data.val_x, device, autocast), dict(
+        epochs=fc.epochs, steps=total, steps_this_run=total - start, seconds=round(seconds, 2),
+        images_per_s=round((total - start) * plan.global_batch / seconds, 2) if total > start else None,
+        lr=lr, trainable_params=sum(p.numel() for p in raw.parameters() if p.requires_grad), compiled=compiled, notes=notes))  # fmt: skip
+
+
+# --- the pieces around the loop ------------------------------------------------------------------
+
+
+def check_settings(run_dir: Path, settings: dict[str, Any], is_main: bool) -> None:
+    """A run resumes only with the settings it started with (source weights, classes, recipe): anything else would
+    mix two experiments in one curve."""
+    path = run_dir / "settings.json"
+    if not path.exists() or not (run_dir / "checkpoints").exists():
+        return
+    before = json.loads(path.read_text())
+    changed = [k for k in settings if before.get(k) != settings[k]]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"{run_dir}: fine-tuned with {k} = {json.dumps(before.get(k))}, now {json.dumps(settings[k])}; "
+                          f"use --restart to start over, or another finetune.run")
+
+
+def freeze(model: torch.nn.Module, blocks: int) -> None:
+    """Partial fine-tuning: only the last `blocks` blocks, the final norm and the head train (-1: everything)."""
+    if blocks < 0:
+        return
+    first = len(model.blocks) - blocks
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("head.") or (blocks > 0 and (name.startswith("norm.") or
+                                                                      (name.startswith("blocks.") and int(name.split(".")[1]) >= first)))
+
+
+def layer_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with layer-wise lr decay (BEiT / MAE): embeddings are layer 0, block i is layer i + 1, the final norm
+    and head are layer D + 1; a group's `lr_scale` is layer_decay^(D + 1 - layer). Weight decay as in pretraining."""
+    depth, groups = len(model.blocks), {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = int(name.split(".")[1]) + 1 if name.startswith("blocks.") else 0 if name.startswith(("cls_token", "pos_embed", "patch_embed")) else depth + 1
+        decay = decays(name, p)
+        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                   "lr_scale": layer_decay ** (depth + 1 - layer)})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def mix(rng: np.random.Generator, imgs: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix (one per step, chosen by `rng`, when both are on) of the batch with itself reversed: images
+    (B, 3, h, w) and soft targets (B, C), mixed in the same proportion. Identity when both are off."""
+    if mixup <= 0 and cutmix <= 0:
+        return imgs, targets
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    other = imgs.flip(0)
+    if use_cutmix:  # a box of area (1 - lam) from the other image; lam becomes the exact area kept
+        H, W = imgs.shape[2:]
+        ch, cw = round(H * math.sqrt(1 - lam)), round(W * math.sqrt(1 - lam))
+        cy, cx = rng.integers(0, H), rng.integers(0, W)
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch - ch // 2, H), max(cx - cw // 2, 0), min(cx + cw - cw // 2, W)
+        imgs = imgs.clone()
+        imgs[:, :, y0:y1, x0:x1] = other[:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        imgs = lam * imgs + (1 - lam) * other
+    return imgs, lam * targets + (1 - lam) * targets.flip(0)
+
+
+def epoch_loss(loss_sum: torch.Tensor, steps: int, world: int) -> float:
+    """The mean training loss of the steps since the last epoch end, over every rank (a host sync)."""
+    total = loss_sum / max(steps, 1)
+    if world > 1:
+        dist.all_reduce(total)
+        total /= world
+    return total.item()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, device: torch.device, autocast: torch.autocast, batch: int = 256) -> torch.Tensor:
+    """Logits (N, C) on the CPU for uint8 images (N, h, w, 3): no augmentation, no drop path."""
+    model.eval()
+    logits = []
+    for chunk in images.split(batch):
+        with autocast:
+            logits.append(model(to_input(chunk.to(device))).float().cpu())
+    model.train()
+    return torch.cat(logits)
+
+
+def finish(model: torch.nn.Module, arch: dict[str, Any], data: Labeled, run_dir: Path, val_logits: torch.Tensor, summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's results: scores of the last epoch, best epoch on the curve, confusion PNG, and the classifier for timm."""
+    curve = read_lines(run_dir / "metrics.jsonl")
+    best = max(curve, key=lambda r: r["val_top1"]) if curve else None
+    scores = scores_report(val_logits, data.val_y, data.classes)
+    plot_confusion(scores["confusion"], data.classes, run_dir / "confusion.png", f"{run_dir.name}, fine-tuned")
+    weights = run_dir / "classifier.safetensors"
+    with atomic_write(weights) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp, metadata={"format": "pt", "classes": json.dumps(data.classes)})
+    spec = timm_spec(arch, len(data.classes))
+    snippet = f"import timm, safetensors.torch; {load_snippet(spec, str(weights))}"
+    write_json(run_dir / "classifier.json", {**spec, "classes": data.classes, "load": snippet})
+    result = dict(**scores, best_val_top1=best["val_top1"] if best else None, best_epoch=best["epoch"] if best else None, curve=curve,
+                  confusion_png=str(run_dir / "confusion.png"), classifier=str(weights), snippet=snippet, **summary)
+    write_json(run_dir / "summary.json", result)
+    return result
+

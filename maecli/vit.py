@@ -1,0 +1,63 @@
+"""The encoder as timm's `VisionTransformer`: how timm builds it, the line users load it with, and the classifier
+that `finetune` trains (timm's own ViT with the MAE encoder's weights and a linear head).
+
+The MAE keeps the official / timm key names (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.*`,
+`norm.*`), so the encoder loads strictly into `VisionTransformer(global_pool="token")`; a fine-tuned classifier
+adds `head.*`. `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=..., custom_load=False))`
+loads either file (`custom_load=False`: some registered names default to a JAX .npz loader, which timm < 1.0.31
+keeps for an overlaid file).
+"""
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from maecli.checkpoint import canonical_arch
+from maecli.config import PRESETS
+from maecli.model import MaskedAutoencoder
+
+TIMM_SIZES = {(s["embed_dim"], s["depth"], s["num_heads"]): name.removeprefix("vit_") for name, s in PRESETS.items()}  # timm's names
+
+
+def encoder_state_dict(model: MaskedAutoencoder) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+
+
+def timm_spec(arch: dict[str, Any], num_classes: int = 0) -> dict[str, Any]:
+    """How timm builds this encoder (with a head of `num_classes`, 0 for none): a registered model name when one
+    has these sizes, and the keyword arguments."""
+    import timm
+
+    arch = canonical_arch(arch)
+    kwargs = dict(img_size=arch["img_size"], patch_size=arch["patch_size"], embed_dim=arch["embed_dim"], depth=arch["depth"],
+                  num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"], qkv_bias=True, class_token=True, global_pool="token",
+                  num_classes=num_classes)
+    size = TIMM_SIZES.get((arch["embed_dim"], arch["depth"], arch["num_heads"]))
+    name = f"vit_{size}_patch{arch['patch_size']}_224" if size and arch["mlp_ratio"] == 4.0 else None
+    return {"timm_model": name if name and timm.is_model(name) else None, "kwargs": kwargs}
+
+
+def load_snippet(spec: dict[str, Any], weights: str) -> str:
+    """The line that loads `weights` into timm, as users paste it."""
+    if spec["timm_model"]:
+        size = "" if spec["kwargs"]["img_size"] == [224, 224] else f", img_size={tuple(spec['kwargs']['img_size'])}"
+        return (f"timm.create_model({spec['timm_model']!r}, num_classes={spec['kwargs']['num_classes']}{size}, pretrained=True, "
+                f"pretrained_cfg_overlay=dict(file={str(weights)!r}, custom_load=False))")
+    kwargs = {**spec["kwargs"], "img_size": tuple(spec["kwargs"]["img_size"])}
+    return (f"m = timm.models.VisionTransformer(**{kwargs!r}); "
+            f"m.load_state_dict(safetensors.torch.load_file({str(weights)!r}))")
+
+
+def classifier(encoder: MaskedAutoencoder, arch: dict[str, Any], num_classes: int, *, drop_path: float) -> nn.Module:
+    """timm's VisionTransformer holding `encoder`'s weights (position embeddings included, trainable from here on, as
+    in MAE fine-tuning), stochastic depth `drop_path`, and a fresh linear head on the class token (trunc-normal,
+    std 2e-5, as the official fine-tuning initialises it)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(**{**timm_spec(arch, num_classes)["kwargs"], "drop_path_rate": drop_path})
+    missing, unexpected = model.load_state_dict(encoder_state_dict(encoder), strict=False)
+    assert set(missing) == {"head.weight", "head.bias"} and not unexpected, f"encoder keys do not fit timm's ViT: {missing} {unexpected}"
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+    return model
