@@ -371,7 +371,7 @@ def quickstart(
     per_class: Annotated[int, typer.Option("--per-class", min=2, help="Labeled training stills per class (val: half).")] = 200,
     json_out: JsonOpt = False,
 ) -> None:
-    """The whole lifecycle on built-in synthetic dashcam video: generate, extract, pretrain, visualize, export, probe."""
+    """The whole lifecycle on built-in synthetic dashcam video: generate, extract, pretrain, visualize, export, probe, finetune."""
     from maecli.quickstart import quickstart as run_quickstart
 
     s = run_quickstart(directory, overrides=set_ or [], clips=clips, per_class=per_class, console=console)
@@ -390,9 +390,17 @@ def quickstart(
         f"reconstructions:  {s['visualize']['image']}",
         f"encoder for timm: {s['export']['path']}",
         f"probe report:     {probe['report']}",
+        f"fine-tuning:      {s['finetune']['report']} (curves: {s['finetune']['curves_png']})",
+        f"results table:    {s['results']}",
     ])  # fmt: skip
     print_probe_table(probe)
-    print_lines([f"pretraining gain on the linear probe: {100 * (pre - rnd):+.1f} points of top-1 accuracy over a random-init encoder"])
+    print_finetune_table(s["finetune"])
+    tuned = {name: r["top1"] for name, r in s["finetune"]["results"].items()}
+    pixels = probe["results"]["raw pixels"]["linear"]["top1"]
+    print_lines([f"pretraining gain over a random-init encoder: {100 * (pre - rnd):+.1f} points of top-1 on the linear probe, "
+                 f"{100 * (tuned['pretrained'] - tuned['random init']):+.1f} fine-tuned",
+                 f"against the raw pixels (linear probe {100 * pixels:.1f}%): frozen {100 * (pre - pixels):+.1f}, fine-tuned "
+                 f"{100 * (tuned['pretrained'] - pixels):+.1f} points"])
 
 
 @app.command()

@@ -8,8 +8,8 @@ the head (partial fine-tuning; 0: the head alone). `--baseline random` runs the 
 random-init encoder of the same shape.
 
 Every random choice is a function of (seed, step): the epoch's order (`data.Plan`), each sample's crop, the mixing,
-drop path. A run evaluates on val at every epoch end (the learning curves), checkpoints every `checkpoint_every`
-epochs, and a killed run resumes from its last checkpoint bit for bit (on the CPU). The reported accuracy is the
+drop path. Every `checkpoint_every` epochs a run evaluates on val (a point of the learning curves) and writes a
+checkpoint; a killed run resumes from its last checkpoint bit for bit (on the CPU). The reported accuracy is the
 last epoch's: picking the best epoch on val would tune to the evaluation set. Under torchrun each rank takes its
 slice of the global batch (DDP).
 """
@@ -106,7 +106,7 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
         shutil.rmtree(run_dir, ignore_errors=True)
     if world > 1:
         dist.barrier()
-    check_settings(run_dir, settings, is_main)
+    check_settings(run_dir, settings)
 
     torch.manual_seed(seed)
     raw = classifier(encoder, arch, len(data.classes), drop_path=fc.drop_path).to(device)
@@ -153,23 +153,23 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
             loss_sum += loss.detach()
             loss_steps += 1
             done = step + 1
-            epoch_end = done % steps_per_epoch == 0
-            if epoch_end or stop["requested"]:
+            at_eval = (done % steps_per_epoch == 0 and (done // steps_per_epoch) % fc.checkpoint_every == 0) or done == total
+            if at_eval or stop["requested"]:
                 train_loss = epoch_loss(loss_sum, loss_steps, world)
                 if not math.isfinite(train_loss):
                     good = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                    raise NonFiniteLoss(f"finetune {name}: loss is {train_loss} (not finite) in epoch {done // steps_per_epoch + 1}; stopped, {good}")
+                    raise NonFiniteLoss(f"finetune {name}: loss is {train_loss} (not finite) before step {done}; stopped, {good}")
                 loss_sum.zero_()
-                if is_main and epoch_end:
+                if is_main and at_eval:
+                    seconds = time.perf_counter() - t_epoch  # training only
                     val_logits = evaluate(raw, data.val_x, device, autocast)
-                    seconds = time.perf_counter() - t_epoch
                     row = dict(epoch=done // steps_per_epoch, step=done, train_loss=round(train_loss, 6), val_loss=round(F.cross_entropy(val_logits, data.val_y).item(), 6),
                                val_top1=round((val_logits.argmax(1) == data.val_y).float().mean().item(), 6), lr=step_lr,
                                images_per_s=round(loss_steps * plan.global_batch / seconds, 2))
                     append_line(metrics, json.dumps(row))
                     progress.update(task, epoch=row["epoch"], loss=f"{train_loss:.4f}", lr=f"{step_lr:.2e}", ips=f"{row['images_per_s']:.1f}")
                 loss_steps, t_epoch = 0, time.perf_counter()
-                if is_main and ((epoch_end and (done // steps_per_epoch) % fc.checkpoint_every == 0) or done == total or stop["requested"]):
+                if is_main:
                     meta = {"config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__, "classes": json.dumps(data.classes)}
                     last_ckpt = save_checkpoint(run_dir / "checkpoints", done, raw, optimizer, ckpt_arch, meta, fc.keep_last)
             progress.update(task, completed=done)
@@ -187,7 +187,7 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
 # --- the pieces around the loop ------------------------------------------------------------------
 
 
-def check_settings(run_dir: Path, settings: dict[str, Any], is_main: bool) -> None:
+def check_settings(run_dir: Path, settings: dict[str, Any]) -> None:
     """A run resumes only with the settings it started with (source weights, classes, recipe): anything else would
     mix two experiments in one curve."""
     path = run_dir / "settings.json"

@@ -30,12 +30,14 @@ def labeled_split(cfg: MaecliConfig, notes: list[str]) -> tuple[list[tuple[Path,
             raise ConfigError(f"probe.{name}: {folder} holds no images in class sub-folders")
         sets[name] = items
     classes = sorted({c for items in sets.values() for _, c in items})
-    if len({c for _, c in sets["train"]}) < 2:
-        raise ConfigError(f"probe.train: {pc.train} has only one class ({classes[0]}); a probe needs at least two")
+    trained_classes = sorted({c for _, c in sets["train"]})
+    if len(trained_classes) < 2:
+        raise ConfigError(f"probe.train: {pc.train} has only one class ({trained_classes[0]}); a probe needs at least two")
+    notes += [f"class {c} has validation images but none to train on" for c in classes if c not in trained_classes]
     index = {c: i for i, c in enumerate(classes)}
     train = [(p, index[c]) for p, c in sets["train"]]
     if "val" in sets:
-        return train, [(p, index[c]) for p, c in sets["val"]], classes
+        return fewer(train, pc.per_class, cfg.project.seed, notes), [(p, index[c]) for p, c in sets["val"]], classes
     rng = np.random.default_rng([cfg.project.seed, 4])
     val_idx = []
     for k in range(len(classes)):  # stratified: the same fraction of every class, at least one when the class has two
@@ -46,7 +48,20 @@ def labeled_split(cfg: MaecliConfig, notes: list[str]) -> tuple[list[tuple[Path,
     if not chosen:
         raise ConfigError("probe.train: too few images per class to hold out a validation split (give probe.val)")
     notes.append(f"no val folder: held out {len(chosen)} of {len(train)} images ({pc.val_fraction:g} of each class, seed {cfg.project.seed})")
-    return [t for i, t in enumerate(train) if i not in chosen], [train[i] for i in sorted(chosen)], classes
+    return fewer([t for i, t in enumerate(train) if i not in chosen], pc.per_class, cfg.project.seed, notes), [train[i] for i in sorted(chosen)], classes
+
+
+def fewer(items: list[tuple[Path, int]], per_class: int, seed: int, notes: list[str]) -> list[tuple[Path, int]]:
+    """At most `per_class` items of each class, drawn by the seed (all of them when per_class is 0), in their order."""
+    if not per_class:
+        return items
+    rng = np.random.default_rng([seed, 8])
+    keep = set()
+    for k in sorted({y for _, y in items}):
+        members = [i for i, (_, y) in enumerate(items) if y == k]
+        keep.update(rng.permutation(members)[:per_class].tolist())
+    notes.append(f"probe.per_class: training on {len(keep)} of {len(items)} labeled images (at most {per_class} per class, seed {seed})")
+    return [t for i, t in enumerate(items) if i in keep]
 
 
 def load_images(items: list[tuple[Path, int]], size: tuple[int, int], notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

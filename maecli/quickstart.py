@@ -1,8 +1,9 @@
 """`maecli quickstart`: the whole lifecycle on built-in synthetic dashcam video, offline, in minutes on a CPU.
 
 Generates driving clips and a labeled still set (road curving left / straight / right), writes a project
-file sized for the machine, then runs extract -> pretrain -> visualize -> export -> probe (with the
-random-init baseline). Every stage resumes, so running it again continues where it stopped.
+file sized for the machine, then runs extract -> pretrain -> visualize -> export -> probe (against a random-init
+encoder and the raw pixels) -> finetune (against a random-init encoder). Every stage resumes, so running it again
+continues where it stopped. The results table is also written to `results.md`, the file the README quotes.
 """
 
 from pathlib import Path
@@ -15,6 +16,7 @@ from maecli.config import CONFIG_NAME, load_config
 from maecli.export import export_encoder
 from maecli.extract import run_extract
 from maecli.files import write_text
+from maecli.finetune import run_finetune
 from maecli.probe import run_probe
 from maecli.synthetic import generate_clips, generate_labeled
 from maecli.train import pretrain
@@ -23,7 +25,8 @@ from maecli.visualize import run_visualize
 PROJECT = """\
 # maecli quickstart: a small MAE on synthetic dashcam video, sized for a laptop CPU.
 # Edit and run `maecli quickstart` again (it continues), or run the stages one by one:
-#   maecli extract; maecli pretrain; maecli visualize; maecli export encoder; maecli probe --baseline random
+#   maecli extract; maecli pretrain; maecli visualize; maecli export encoder;
+#   maecli probe --baseline random --baseline pixels; maecli finetune --baseline random
 
 [project]
 name = "quickstart"
@@ -67,6 +70,9 @@ num_images = 6
 train = "labeled/train"
 val = "labeled/val"
 epochs = 100
+
+[finetune]
+epochs = {finetune_epochs}
 """
 
 
@@ -75,7 +81,7 @@ def write_project(folder: Path) -> Path:
     path = folder / CONFIG_NAME
     if not path.exists():
         steps = 4000 if torch.cuda.is_available() else 1000  # a GPU trains longer in the same minutes
-        write_text(path, PROJECT.format(steps=steps, warmup=steps // 20, checkpoint_every=steps // 4))
+        write_text(path, PROJECT.format(steps=steps, warmup=steps // 20, checkpoint_every=steps // 4, finetune_epochs=30 if torch.cuda.is_available() else 10))
     return path
 
 
@@ -84,20 +90,35 @@ def quickstart(folder: Path, *, overrides: list[str], clips: int = 16, per_class
     folder.mkdir(parents=True, exist_ok=True)
     say = console.print if console is not None else (lambda *a, **k: None)
 
-    say(f"[bold]1/6 generating[/] {clips} synthetic dashcam clips and {3 * per_class} + {3 * (per_class // 2)} labeled stills in {folder}")
+    say(f"[bold]1/7 generating[/] {clips} synthetic dashcam clips and {3 * per_class} + {3 * (per_class // 2)} labeled stills in {folder}")
     generate_clips(folder / "videos", count=clips, seconds=12.0, fps=10, seed=0)
     generate_labeled(folder / "labeled" / "train", per_class=per_class, seed=1)
     generate_labeled(folder / "labeled" / "val", per_class=per_class // 2, seed=2)
     cfg = load_config(write_project(folder), overrides)
 
-    say("[bold]2/6 extract[/]: videos -> frame store")
+    say("[bold]2/7 extract[/]: videos -> frame store")
     extracted = run_extract(cfg.extract, console=console)
-    say("[bold]3/6 pretrain[/]: masked autoencoder on the train frames")
+    say("[bold]3/7 pretrain[/]: masked autoencoder on the train frames")
     trained = pretrain(cfg, console=console)
-    say("[bold]4/6 visualize[/]: reconstructions of validation frames")
+    say("[bold]4/7 visualize[/]: reconstructions of validation frames")
     shown = run_visualize(cfg, [])
-    say("[bold]5/6 export[/]: the encoder for timm")
+    say("[bold]5/7 export[/]: the encoder for timm")
     exported = export_encoder(cfg, checkpoint=None, fmt="timm", out=None)
-    say("[bold]6/6 probe[/]: road curvature (left / straight / right) from frozen features, against a random-init encoder")
-    probed = run_probe(cfg, baselines=("random",))
-    return dict(folder=str(folder), config=str(folder / CONFIG_NAME), store=extracted, pretrain=trained, visualize=shown, export=exported, probe=probed)
+    say("[bold]6/7 probe[/]: road curvature (left / straight / right) from frozen features, against a random-init encoder and the raw pixels")
+    probed = run_probe(cfg, baselines=("random", "pixels"))
+    say("[bold]7/7 finetune[/]: the same labels, encoder trained end to end, against a random-init encoder")
+    tuned = run_finetune(cfg, baselines=("random",), console=console)
+    table = results_table(probed, tuned)
+    write_text(folder / "results.md", table)
+    return dict(folder=str(folder), config=str(folder / CONFIG_NAME), store=extracted, pretrain=trained, visualize=shown, export=exported, probe=probed,
+                finetune=tuned, table=table, results=str(folder / "results.md"))
+
+
+def results_table(probed: dict[str, Any], tuned: dict[str, Any]) -> str:
+    """The quickstart's accuracies as a Markdown table: one row per encoder (and the pixels), one column per evaluation."""
+    header = f"| encoder | linear probe top-1 | k-NN (k={probed['k']}) top-1 | fine-tuned top-1 ({tuned['recipe']['epochs']} epochs) |"
+    lines = [header, "|---|---:|---:|---:|"]
+    for name, r in probed["results"].items():
+        tuned_top1 = f"{100 * tuned['results'][name]['top1']:.1f}%" if name in tuned["results"] else "-"
+        lines.append(f"| {name} | {100 * r['linear']['top1']:.1f}% | {100 * r['knn']['top1']:.1f}% | {tuned_top1} |")
+    return "\n".join(lines) + "\n"

@@ -173,6 +173,8 @@ def test_bad_input(runner, tmp_path, trained, labeled):
         (["--set", "probe.train="], 2, "probe.train: no labeled images given (a folder with one sub-folder per class)\n"),
         (["--set", "finetune.crop_scale=[0.5, 0.1]"], 2, "--set: finetune.crop_scale: must be [low, high] with 0 < low <= high <= 1 (got [0.5, 0.1])\n"),
     ]
+    one_class = make_set(tmp_path / "one", 4, 0, classes={"red": COLORS["red"]})
+    cases.append((["--set", f"probe.train={one_class}"], 2, f"probe.train: {one_class} has only one class (red); a probe needs at least two\n"))
     for args, code, message in cases:
         result = runner.invoke(app, ["finetune", "-c", str(config), *args])
         assert (result.exit_code, result.stderr) == (code, message), args

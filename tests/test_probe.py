@@ -111,3 +111,15 @@ def test_pixel_features_are_the_normalized_input():
     channel_first = images.permute(0, 3, 1, 2).float() / 255  # (N, 3, h, w)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(x, ((channel_first - mean) / std).reshape(2, -1))
+
+
+def test_per_class_keeps_at_most_n_labels_of_each_class(runner, trained, tmp_path):
+    train, val = make_set(tmp_path / "train", 12, 0), make_set(tmp_path / "val", 4, 1)
+    args = ["--set", f"probe.train={train}", "--set", f"probe.val={val}", "--set", "probe.epochs=5", "--json"]
+    result = probe(runner, trained, *args, "--set", "probe.per_class=5")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["train_images"] == 15 and report["val_images"] == 12
+    assert "probe.per_class: training on 15 of 36 labeled images (at most 5 per class, seed 0)" in report["notes"]
+    again = json.loads(probe(runner, trained, *args, "--set", "probe.per_class=5").stdout)
+    assert again["results"] == report["results"]  # the same images for the same seed

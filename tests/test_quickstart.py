@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--clips", "2", "--per-class", "6", "--set", "model.embed_dim=32", "--set", "model.depth=1", "--set", "model.num_heads=2",
          "--set", "model.decoder_embed_dim=16", "--set", "model.decoder_depth=1", "--set", "model.decoder_num_heads=2",
          "--set", "pretrain.steps=4", "--set", "pretrain.batch_size=8", "--set", "pretrain.warmup_steps=1", "--set", "pretrain.checkpoint_every=2",
-         "--set", "probe.epochs=2", "--set", "extract.fps=2", "--set", "project.device=cpu"]
+         "--set", "probe.epochs=2", "--set", "extract.fps=2", "--set", "project.device=cpu", "--set", "finetune.epochs=1", "--set", "finetune.batch_size=8"]
 
 
 def test_generator_is_deterministic_and_decodable(tmp_path):
@@ -63,10 +63,16 @@ def test_shortened_quickstart_produces_every_artifact_and_continues(runner, tmp_
     s = json.loads(result.stdout)
     qs = tmp_path / "qs"
     for path in [s["config"], s["pretrain"]["checkpoint"], s["pretrain"]["loss_curve"], s["pretrain"]["snapshot"], s["visualize"]["image"],
-                 s["export"]["path"], s["export"]["spec"], s["probe"]["report"], s["probe"]["results"]["pretrained"]["confusion_png"]]:
+                 s["export"]["path"], s["export"]["spec"], s["probe"]["report"], s["probe"]["results"]["pretrained"]["confusion_png"],
+                 s["finetune"]["report"], s["finetune"]["curves_png"], s["finetune"]["results"]["pretrained"]["classifier"]]:
         assert Path(path).stat().st_size > 0, path
     assert len(list((qs / "videos").glob("*.mp4"))) == 2 and s["store"]["frames"]["train"] + s["store"]["frames"]["val"] > 0
-    assert set(s["probe"]["results"]) == {"pretrained", "random init"} and s["probe"]["classes"] == sorted(CURVES)
+    assert set(s["probe"]["results"]) == {"pretrained", "random init", "raw pixels"} and s["probe"]["classes"] == sorted(CURVES)
+    assert set(s["finetune"]["results"]) == {"pretrained", "random init"} and s["finetune"]["results"]["pretrained"]["steps"] == 2  # 18 stills, batch 8
+    rows = (qs / "results.md").read_text().splitlines()
+    assert rows == s["table"].splitlines() and [r.split(" | ")[0] for r in rows[2:]] == ["| pretrained", "| random init", "| raw pixels"]
+    ft = s["finetune"]["results"]["pretrained"]["top1"]
+    assert rows[2].endswith(f" {100 * ft:.1f}% |") and rows[4].endswith(" - |")  # the pixels are not fine-tuned
     assert s["pretrain"]["steps"] == 4
     mtimes = {p: p.stat().st_mtime_ns for p in (qs / "videos").iterdir()}
     again = runner.invoke(app, ["quickstart", str(qs), *SMALL, "--json"])
@@ -75,7 +81,7 @@ def test_shortened_quickstart_produces_every_artifact_and_continues(runner, tmp_
     assert s2["pretrain"]["steps_this_run"] == 0 and s2["store"]["videos_skipped"] == 2  # continued, nothing redone
     assert {p: p.stat().st_mtime_ns for p in (qs / "videos").iterdir()} == mtimes
     text = runner.invoke(app, ["quickstart", str(qs), *SMALL])
-    assert text.exit_code == 0 and "pretraining gain on the linear probe" in text.stderr and "linear probe top-1" in text.stderr
+    assert text.exit_code == 0 and "pretraining gain over a random-init encoder" in text.stderr and "linear probe top-1" in text.stderr
 
 
 def fresh_machine_commands() -> list[str]:
@@ -95,3 +101,17 @@ def test_readme_fresh_machine_commands_are_true():
     ctx = command.make_context("maecli", list(args))
     sub = command.get_command(ctx, args[0])
     assert sub is not None and sub.make_context(args[0], args[1:]).params["directory"] == Path("maecli-quickstart")
+
+
+def test_readme_quotes_a_quickstart_table():
+    """CI compares the README's quoted table with a fresh quickstart's results.md; here: the quote has that table's
+    shape (the header `results_table` writes, one row per encoder), so the CI comparison is of numbers only."""
+    import runpy
+
+    from maecli.quickstart import results_table
+
+    quoted = runpy.run_path(str(ROOT / ".ci" / "quickstart_table.py"))["quoted"]((ROOT / "README.md").read_text()).splitlines()
+    probed = {"k": 20, "results": {name: {"linear": {"top1": 0.5}, "knn": {"top1": 0.5}} for name in ("pretrained", "random init", "raw pixels")}}
+    tuned = {"recipe": {"epochs": 10}, "results": {name: {"top1": 0.5} for name in ("pretrained", "random init")}}
+    shape = results_table(probed, tuned).splitlines()
+    assert quoted[:2] == shape[:2] and [r.split(" | ")[0] for r in quoted[2:]] == [r.split(" | ")[0] for r in shape[2:]]
