@@ -16,6 +16,7 @@ from maecli.cli import app
 from maecli.device import pick_device
 from maecli.errors import ConfigError
 from tests.conftest import write_project
+from tests.test_probe import make_set
 
 GPUS = torch.cuda.device_count()
 
@@ -48,6 +49,13 @@ def test_auto_takes_this_machines_path(runner, tmp_path, store):
     features = runner.invoke(app, ["export", "features", "-c", str(config), "--json", "--out", str(tmp_path / "export")])
     assert features.exit_code == 0, features.output
     assert json.loads(features.stdout)["device"] == ("cuda:0" if GPUS else "cpu")
+    train, val = make_set(tmp_path / "train", 16, 0), make_set(tmp_path / "val", 4, 1)
+    tuned = runner.invoke(app, ["finetune", "-c", str(config), "--json", "--set", f"probe.train={train}", "--set", f"probe.val={val}",
+                                "--set", "finetune.epochs=2", "--set", "finetune.batch_size=16"])
+    assert tuned.exit_code == 0, tuned.output
+    report = json.loads(tuned.stdout)
+    compiled = report["results"]["pretrained"]["compiled"]
+    assert (report["device"], report["precision"], compiled) == (("cuda:0", "bfloat16", True) if GPUS else ("cpu", "float32", False))
 
 
 def test_torchrun_with_more_processes_than_gpus_stops_with_one_line(tmp_path, store):
