@@ -248,7 +248,7 @@ def mix(rng: np.random.Generator, imgs: torch.Tensor, targets: torch.Tensor, mix
 
 
 def epoch_loss(loss_sum: torch.Tensor, steps: int, world: int) -> float:
-    """The mean training loss of the steps since the last epoch end, over every rank (a host sync)."""
+    """The mean training loss of the steps since the last evaluation, over every rank (a host sync)."""
     total = loss_sum / max(steps, 1)
     if world > 1:
         dist.all_reduce(total)
