@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from maecli.config import ModelConfig, apply_overrides, load_config, validate_config
 from maecli.data import augment, crop_boxes
-from maecli.device import autocast_for, pick_device
+from maecli.device import autocast_for, compiles, pick_device
 from maecli.errors import ConfigError
 from maecli.model import MaskedAutoencoder, to_2tuple
 
@@ -236,7 +236,7 @@ def run_bench(arch: dict[str, Any], *, batch: int, steps: int, warmup: int, mask
     against the device's spec peak, and the share of a measured matmul peak), the speed-ups of MAE over the
     baselines with the analytic FLOP ratios beside them, and with `profile` a trace of each variant in that folder.
     """
-    compile = device.type == "cuda" if compile is None else compile
+    compile = compiles(compile, device)
     peak, peak_source = device_peak(device, peak_tflops)
     matmul, matmul_source = matmul_peak(device)
     torch.manual_seed(seed)

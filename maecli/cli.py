@@ -274,6 +274,14 @@ def export_features(
                                         f"index: {summary['index']}"])
 
 
+def chosen_baselines(given: list[str] | None, known: tuple[str, ...]) -> tuple[str, ...]:
+    """The --baseline values, each once, in the order given; an unknown one is a usage error naming the choices."""
+    unknown = [b for b in given or [] if b not in known]
+    if unknown:
+        raise ConfigError(f"--baseline: must be {' or '.join(map(repr, known))} (got {unknown[0]!r})")
+    return tuple(dict.fromkeys(given or []))
+
+
 @app.command()
 @reports_errors
 def probe(
@@ -286,10 +294,7 @@ def probe(
     """Linear-probe and k-NN accuracy of the frozen encoder on a labeled image folder ([probe] train / val)."""
     from maecli.probe import BASELINES, run_probe
 
-    unknown = [b for b in baseline or [] if b not in BASELINES]
-    if unknown:
-        raise ConfigError(f"--baseline: must be 'random' or 'pixels' (got {unknown[0]!r})")
-    report = run_probe(load_config(config, set_ or []), checkpoint=checkpoint, baselines=tuple(dict.fromkeys(baseline or [])))
+    report = run_probe(load_config(config, set_ or []), checkpoint=checkpoint, baselines=chosen_baselines(baseline, BASELINES))
     if json_out:
         print_json(report)
         return
@@ -311,10 +316,7 @@ def finetune(
     """Fine-tune the encoder with a linear head on the labeled set ([probe] train / val, recipe in [finetune]); resumes."""
     from maecli.finetune import BASELINES, run_finetune
 
-    unknown = [b for b in baseline or [] if b not in BASELINES]
-    if unknown:
-        raise ConfigError(f"--baseline: must be 'random' (got {unknown[0]!r})")
-    report = run_finetune(load_config(config, set_ or []), checkpoint=checkpoint, baselines=tuple(dict.fromkeys(baseline or [])), restart=restart,
+    report = run_finetune(load_config(config, set_ or []), checkpoint=checkpoint, baselines=chosen_baselines(baseline, BASELINES), restart=restart,
                           console=console)
     if report is None:  # not the main process under torchrun
         return

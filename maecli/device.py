@@ -36,6 +36,12 @@ def pick_device(choice: str, *, gpus: int | None = None, field: str = "project.d
     return device
 
 
+def compiles(choice: bool | str | None, device: torch.device) -> bool:
+    """Whether a model runs through torch.compile: as set, or for "auto" (None) on CUDA only (compiling on a CPU
+    rarely pays)."""
+    return device.type == "cuda" if choice in ("auto", None) else bool(choice)
+
+
 def autocast_for(device: torch.device) -> torch.autocast:
     """bf16 autocast on CUDA; a disabled context (float32) elsewhere."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

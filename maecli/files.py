@@ -101,6 +101,14 @@ def read_lines(path: Path, keep: Any = None) -> list[dict[str, Any]]:
     return rows
 
 
+def keep_lines(path: Path, keep: Any) -> list[dict[str, Any]]:
+    """Rewrite a JSON-lines log with the rows `keep` accepts (a resumed run drops what a killed one logged past its
+    checkpoint, and any torn line); returns them."""
+    rows = read_lines(path, keep)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 @contextmanager
 def locked(lock: Path) -> Iterator[str | None]:
     """Try to hold the lock file `lock` while the block runs. Yields None when this process holds it, else who does

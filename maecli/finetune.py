@@ -34,13 +34,13 @@ from maecli import __version__
 from maecli.checkpoint import canonical_arch, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig
 from maecli.data import Plan, augment, crop_boxes, to_input
-from maecli.device import autocast_for, pick_device, precision
+from maecli.device import autocast_for, compiles, precision
 from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
 from maecli.figures import plot_confusion, plot_curves
-from maecli.files import append_line, atomic_write, owned, read_lines, write_json, write_text
+from maecli.files import append_line, atomic_write, keep_lines, owned, read_lines, write_json
 from maecli.inference import load_for_inference
 from maecli.labeled import labeled_split, load_images, scores_report
-from maecli.loop import decays, distributed, get_lr, progress_bar, stop_on_ctrl_c
+from maecli.loop import decays, distributed, for_training, get_lr, progress_bar, stop_on_ctrl_c
 from maecli.model import MaskedAutoencoder
 from maecli.vit import classifier, load_snippet, timm_spec
 
@@ -65,8 +65,7 @@ def run_finetune(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines:
     other ranks under torchrun). Each encoder is its own resumable run in `<run folder>/<finetune.run>/<name>`."""
     assert set(baselines) <= set(BASELINES), f"baselines must be among {BASELINES}, got {baselines}"
     fc, notes = cfg.finetune, []
-    device = pick_device(cfg.project.device)
-    encoder, arch, path, _ = load_for_inference(cfg, checkpoint or fc.checkpoint, notes)
+    encoder, arch, path, device = load_for_inference(cfg, checkpoint or fc.checkpoint, notes)  # device: before any collective
     if fc.blocks > arch["depth"]:
         raise ConfigError(f"finetune.blocks: the encoder has {arch['depth']} blocks (got {fc.blocks})")
     train_items, val_items, classes = labeled_split(cfg, notes)
@@ -117,9 +116,8 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     start, weights = resume_checkpoint(run_dir / "checkpoints", raw, optimizer, ckpt_arch, device, notes, run_field="finetune.run")
     if weights is not None:
         notes.append(f"resumed from step {start} ({weights})")
-    compiled = fc.compile is True or (fc.compile == "auto" and device.type == "cuda")
-    model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
-    model = torch.compile(model) if compiled else model
+    compiled = compiles(fc.compile, device)
+    model = for_training(raw, device, world, compiled)
     autocast = autocast_for(device)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)  # uint8 (N, h, w, 3), (N,)
     size, C = tuple(train_x.shape[1:3]), len(data.classes)
@@ -127,9 +125,9 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "settings.json", settings)
-        kept = read_lines(metrics, keep=lambda r: r["step"] <= start)  # a killed run's later rows go
-        write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        keep_lines(metrics, lambda r: r["step"] <= start)  # a killed run's later rows go
     loss_sum, loss_steps, last_ckpt, t_run, t_epoch = torch.zeros((), device=device), 0, weights, time.perf_counter(), time.perf_counter()
+    val_logits = None  # the last evaluation (N, C): the one reported
     name = run_dir.name.replace("-", " ")
     with stop_on_ctrl_c(enabled=world == 1) as stop, progress_bar(console, f"finetune {name}") as progress:
         task = progress.add_task("finetune", total=total, completed=start, epoch=start // steps_per_epoch, loss="-", lr="-", ips="-")
@@ -178,7 +176,9 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     if not is_main:
         return None
     seconds = time.perf_counter() - t_run
-    return finish(raw, arch, data, run_dir, evaluate(raw, data.val_x, device, autocast), dict(
+    if val_logits is None:  # a finished run, rerun: nothing trained, nothing evaluated yet
+        val_logits = evaluate(raw, data.val_x, device, autocast)
+    return finish(raw, arch, data, run_dir, val_logits, dict(
         epochs=fc.epochs, steps=total, steps_this_run=total - start, seconds=round(seconds, 2),
         images_per_s=round((total - start) * plan.global_batch / seconds, 2) if total > start else None,
         lr=lr, trainable_params=sum(p.numel() for p in raw.parameters() if p.requires_grad), compiled=compiled, notes=notes))  # fmt: skip

@@ -30,6 +30,13 @@ def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
         dist.destroy_process_group()
 
 
+def for_training(raw: torch.nn.Module, device: torch.device, world: int, compiled: bool) -> torch.nn.Module:
+    """The module a training loop calls: `raw` (which keeps the weights, for checkpoints) in DDP under torchrun,
+    through torch.compile when `compiled`."""
+    model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
+    return torch.compile(model) if compiled else model
+
+
 def get_lr(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warmup from 0, then a half-cycle cosine from lr to min_lr, evaluated every optimizer step."""
     if step < warmup:

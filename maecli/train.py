@@ -21,13 +21,13 @@ from maecli import __version__
 from maecli.checkpoint import canonical_arch, check_same_arch, checkpoint_files, load_state, read_weights, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig, PretrainConfig, dump_toml
 from maecli.data import Loader, Plan, augment
-from maecli.device import autocast_for, pick_device, precision
+from maecli.device import autocast_for, compiles, pick_device, precision
 from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
 from maecli.figures import plot_loss, save_reconstructions
-from maecli.files import append_line, owned, read_lines, write_json, write_text
+from maecli.files import append_line, keep_lines, owned, write_json, write_text
 from maecli.inference import fixed_noise
 from maecli.inputs import Inputs, shown_split
-from maecli.loop import distributed, get_lr, param_groups, peak_memory_mib, progress_bar, stop_on_ctrl_c
+from maecli.loop import distributed, for_training, get_lr, param_groups, peak_memory_mib, progress_bar, stop_on_ctrl_c
 from maecli.model import MaskedAutoencoder
 from maecli.store import FrameStore
 
@@ -78,9 +78,8 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     if world > 1:
         dist.barrier()
     start, notes = load_start(cfg, raw, optimizer, device)
-    compiled = pc.compile is True or (pc.compile == "auto" and device.type == "cuda")
-    model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
-    model = torch.compile(model) if compiled else model
+    compiled = compiles(pc.compile, device)
+    model = for_training(raw, device, world, compiled)
     autocast = autocast_for(device)
     log = RunLog(cfg, start, raw, device) if is_main else None
     loader = Loader(store, plan, start * pc.accum_iter, device, mc.img_size, raw.num_patches, pc.crop_scale, pc.hflip)
@@ -187,8 +186,7 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / "config.toml", dump_toml(cfg))
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        kept = read_lines(self.metrics_path, keep=lambda r: r["step"] <= start)
-        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        kept = keep_lines(self.metrics_path, lambda r: r["step"] <= start)
         self.last_loss = kept[-1]["loss"] if kept else float("nan")  # a finished run, rerun, still reports its loss
         self.device, self.t, self.waited = device, time.perf_counter(), 0.0
         self.last_step = start
