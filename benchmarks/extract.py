@@ -7,7 +7,7 @@
 2. All clips: extraction with 1 and 2 worker processes.
 3. Frame store reads: random batches of 256 frames from one process, against what a training step of
    the default model (MAE ViT-B/16, 224 px) consumes on this CPU, and against what an H100 would
-   consume at 45% MFU (analytic FLOPs: `maecli.bench.analytic_flops`).
+   consume at 45% MFU (analytic FLOPs: `maecli.methods.analytic_flops`).
 """
 
 import argparse
@@ -81,7 +81,8 @@ def training_consumption() -> tuple[float, float]:
     """Images/s of one MAE ViT-B/16 training step on this CPU (batch 8), and its analytic FLOPs per image (fwd + bwd)."""
     import torch
 
-    from maecli.bench import analytic_flops, interleaved, train_step_fn
+    from maecli.bench import interleaved, train_step_fn
+    from maecli.methods import analytic_flops
     from maecli.model import MaskedAutoencoder
 
     arch = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0)

@@ -67,7 +67,8 @@ for mode in ("--no-compile", "--compile"):
 f = out / "pretrain-metrics.jsonl"
 if f.exists():
     import torch
-    from maecli.bench import analytic_flops, device_peak
+    from maecli.bench import device_peak
+    from maecli.methods import analytic_flops
     from maecli.config import load_config
     cfg = load_config(Path("/tmp/gpu-pretrain"))
     rows = [json.loads(line) for line in f.read_text().splitlines()]

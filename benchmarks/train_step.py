@@ -22,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from maecli.bench import MaskTokensInEncoder, analytic_flops, device_peak, interleaved, matmul_peak, train_step_fn  # noqa: E402
+from maecli.bench import MaskTokensInEncoder, device_peak, interleaved, matmul_peak, train_step_fn  # noqa: E402
+from maecli.methods import analytic_flops  # noqa: E402
 from maecli.model import MaskedAutoencoder  # noqa: E402
 
 SIZES = {

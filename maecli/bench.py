@@ -1,6 +1,6 @@
-"""`maecli bench`: what a training step costs, measured. Analytic FLOPs; the paper's "mask tokens through the
-encoder" baseline; a SimCLR step on the same encoder (NT-Xent, two views); a matmul peak; interleaved timing
-(A, B, C, A, B, C, ...) so ratios hold on a noisy machine."""
+"""`maecli bench`: what a training step costs, measured. Analytic FLOPs (`maecli.methods`); the paper's "mask tokens
+through the encoder" baseline; the SimCLR step that `pretrain` trains (`maecli.simclr`: two views, NT-Xent) on the
+same encoder; a matmul peak; interleaved timing (A, B, C, A, B, C, ...) so ratios hold on a noisy machine."""
 
 import re
 import statistics
@@ -11,52 +11,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from maecli.config import ModelConfig, apply_overrides, load_config, validate_config
-from maecli.data import augment, crop_boxes
+from maecli.config import ModelConfig, SimclrConfig, apply_overrides, load_config, validate_config
+from maecli.data import augment
 from maecli.device import autocast_for, compiles, pick_device
 from maecli.errors import ConfigError
+from maecli.methods import analytic_flops, contrastive_flops
 from maecli.model import MaskedAutoencoder, to_2tuple
-
-
-def _blocks_flops(depth: int, n: int, d: int, mlp_ratio: float) -> float:
-    """Forward FLOPs of `depth` ViT blocks on n tokens of width d: qkv + proj + MLP matmuls, then q @ k and attn @ v."""
-    return depth * (2 * n * (4 * d * d + 2 * mlp_ratio * d * d) + 4 * n * n * d)
-
-
-def contrastive_flops(arch: dict[str, Any], hidden: int, out: int) -> float:
-    """FLOPs per image of one SimCLR step: two views through the whole encoder and the projection head, fwd + bwd."""
-    h, w = to_2tuple(arch["img_size"])
-    p, D = arch["patch_size"], arch["embed_dim"]
-    L = (h // p) * (w // p)
-    patch_embed = 2 * L * p * p * 3 * D
-    forward = patch_embed + _blocks_flops(arch["depth"], L + 1, D, arch["mlp_ratio"]) + 2 * (D * hidden + hidden * out)
-    return 2 * (3 * forward - patch_embed)
-
-
-def analytic_flops(arch: dict[str, Any], mask_ratio: float, mask_tokens_in_encoder: bool = False) -> float:
-    """FLOPs per image of one training step: forward + backward, where backward is 2x forward except for the patch
-    embedding, whose input (the image) needs no gradient. A multiply-add is 2 FLOPs."""
-    h, w = to_2tuple(arch["img_size"])
-    p, D, Dd, r = arch["patch_size"], arch["embed_dim"], arch["decoder_embed_dim"], arch["mlp_ratio"]
-    L = (h // p) * (w // p)
-    K = L if mask_tokens_in_encoder else int(L * (1 - mask_ratio))
-
-    def blocks(depth: int, n: int, d: int) -> float:
-        return _blocks_flops(depth, n, d, r)
-
-    patch_embed = 2 * L * p * p * 3 * D  # all patches are embedded, then masked
-    forward = (
-        patch_embed
-        + blocks(arch["depth"], K + 1, D)
-        + 2 * (K + 1) * D * Dd  # decoder_embed
-        + blocks(arch["decoder_depth"], L + 1, Dd)
-        + 2 * (L + 1) * Dd * p * p * 3  # decoder_pred
-    )
-    return 3 * forward - patch_embed
+from maecli.simclr import SimCLR, draw_views, two_views
 
 
 class MaskTokensInEncoder(nn.Module):
@@ -85,54 +48,10 @@ class MaskTokensInEncoder(nn.Module):
         return m.forward_loss(imgs, pred, mask), pred, mask
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """SimCLR's NT-Xent loss. z1, z2: (N, d) projections of two views of the same N images.
-
-    Each of the 2N views must pick its partner among every other view of the global batch: under
-    torch.distributed the other ranks' views are gathered (with gradients) as negatives, so N processes
-    compute the loss of one global batch. Mean over this rank's 2N views.
-    """
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed:
-        from torch.distributed.nn.functional import all_gather
-
-        rank = dist.get_rank()
-        k1, k2 = torch.cat(all_gather(z1)), torch.cat(all_gather(z2))  # (G, d) each
-    else:
-        rank, k1, k2 = 0, z1, z2
-    N, G = z1.shape[0], k1.shape[0]
-    queries, keys = torch.cat([z1, z2]), torch.cat([k1, k2])  # (2N, d), (2G, d)
-    logits = queries @ keys.T / temperature  # (2N, 2G)
-    own = rank * N + torch.arange(N, device=z1.device)  # this rank's images in the global batch
-    self_col = torch.cat([own, own + G])  # (2N,) where each view sits among the keys
-    partner = torch.cat([own + G, own])  # (2N,) its other view
-    logits = logits.masked_fill(F.one_hot(self_col, 2 * G).bool(), float("-inf"))  # a view is not its own negative
-    return F.cross_entropy(logits, partner)
-
-
-class SimCLR(nn.Module):
-    """A contrastive step on the MAE's encoder: two augmented views, every token, the class token through a
-    2-layer projection head, NT-Xent. The cost reference for "MAE or contrastive?"."""
-
-    def __init__(self, mae: MaskedAutoencoder, hidden: int = 2048, out: int = 128, temperature: float = 0.1) -> None:
-        super().__init__()
-        self.mae, self.temperature = mae, temperature
-        D = mae.pos_embed.shape[-1]
-        self.head = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, out))
-
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        z = self.head(self.mae.forward_features(torch.cat([view1, view2]))[:, 0])  # (2N, out)
-        z1, z2 = z.chunk(2)
-        return nt_xent(z1, z2, self.temperature)
-
-
-def two_views(frames: torch.Tensor, out_hw: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two random resized crops + flips of uint8 frames (N, H, W, 3), on their device."""
-    rng = np.random.default_rng(seed)
-    hw = tuple(frames.shape[1:3])
-    views = [augment(frames, torch.from_numpy(crop_boxes(rng, len(frames), hw, out_hw, (0.2, 1.0), True)), out_hw) for _ in range(2)]
-    return views[0], views[1]
+def simclr_views(frames: torch.Tensor, out_hw: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views of uint8 frames (N, H, W, 3) with [simclr]'s default augmentations, on their device."""
+    draws = draw_views(np.random.default_rng(seed), len(frames), tuple(frames.shape[1:3]), out_hw, SimclrConfig())
+    return two_views(frames, *(torch.from_numpy(a) for a in draws), out_hw)
 
 
 def train_step_fn(model: nn.Module, imgs: torch.Tensor, mask_ratio: float, *, hf: bool = False,
@@ -250,9 +169,10 @@ def run_bench(arch: dict[str, Any], *, batch: int, steps: int, warmup: int, mask
         fns[f"mae{tag}"] = train_step_fn(MaskedAutoencoder(**a).to(device), imgs, mask_ratio, compile=compile)
         fns[f"mae w/ [M]{tag}"] = train_step_fn(MaskTokensInEncoder(MaskedAutoencoder(**a)).to(device), imgs, mask_ratio, compile=compile)
         flops[f"mae{tag}"], flops[f"mae w/ [M]{tag}"] = analytic_flops(a, mask_ratio), analytic_flops(a, mask_ratio, True)
-    simclr = SimCLR(MaskedAutoencoder(**arch)).to(device)
-    fns["contrastive (2 views)"] = train_step_fn(simclr, imgs, mask_ratio, views=two_views(frames, (h, w), seed), compile=compile)
-    flops["contrastive (2 views)"] = contrastive_flops(arch, simclr.head[0].out_features, simclr.head[2].out_features)
+    sc = SimclrConfig()
+    simclr = SimCLR(**arch, proj_hidden=sc.proj_hidden, proj_dim=sc.proj_dim, temperature=sc.temperature).to(device)
+    fns["contrastive (2 views)"] = train_step_fn(simclr, imgs, mask_ratio, views=simclr_views(frames, (h, w), seed), compile=compile)
+    flops["contrastive (2 views)"] = contrastive_flops(arch, sc.proj_hidden, sc.proj_dim)
 
     peak_mem = {}
     for name, fn in fns.items():  # one step alone per variant for its peak memory (CUDA only)

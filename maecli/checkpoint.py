@@ -23,6 +23,7 @@ from maecli.model import MaskedAutoencoder, to_2tuple
 
 FORMAT_VERSION = "1"
 StateDict = dict[str, torch.Tensor]
+HEADS = ("decoder", "mask_token", "projector.")  # key prefixes outside the encoder: MAE's decoder, SimCLR's projection head
 
 
 # --- maecli safetensors -------------------------------------------------------------------------
@@ -256,13 +257,13 @@ def read_weights(path: Path) -> tuple[StateDict, dict[str, Any] | None]:
 def load_state(model: torch.nn.Module, state_dict: StateDict, source: Path | str, *, encoder_only_ok: bool = False) -> list[str]:
     """Copy `state_dict` into `model`, naming the first key that is missing, extra or of the wrong shape.
 
-    With `encoder_only_ok`, a file without the decoder (as the official pretrained releases are) loads
-    into the encoder and the decoder keeps its fresh weights. Returns the keys that were not loaded.
+    With `encoder_only_ok`, a file without the decoder (as the official pretrained releases are) or the projection
+    head loads into the encoder and those keep their fresh weights. Returns the keys that were not loaded.
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
-    decoder_only = all(k.startswith(("decoder_", "mask_token")) for k in missing)
-    if missing and not (encoder_only_ok and decoder_only and len(missing) < len(expected)):
+    heads_only = all(k.startswith(HEADS) for k in missing)
+    if missing and not (encoder_only_ok and heads_only and len(missing) < len(expected)):
         raise CheckpointError(f"{source}: missing key '{missing[0]}' ({len(missing)} missing in all)")
     for key in expected:
         if key in state_dict and state_dict[key].shape != expected[key].shape:
@@ -334,6 +335,16 @@ def resume_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.o
     return 0, None
 
 
+def checkpoint_method(ckpt_dir: Path) -> str | None:
+    """The pretraining method of the newest readable checkpoint (files from before methods existed: "mae"), or None."""
+    for step in reversed(checkpoint_steps(ckpt_dir)):
+        try:
+            return read_metadata(checkpoint_files(ckpt_dir, step)[0]).get("method", "mae")
+        except CheckpointError:  # damaged: resuming skips it too
+            continue
+    return None
+
+
 def resolve_checkpoint(run_dir: Path, explicit: str | Path | None, notes: list[str]) -> Path:
     """The weights a command uses: the one named (used as it is, failing loudly if damaged), else the run folder's
     newest readable checkpoint; a damaged newer one is skipped with a note."""
@@ -358,10 +369,17 @@ def _reason(err: Exception) -> str:
 
 
 def load_model(path: Path, arch: dict[str, Any] | None = None, *, encoder_only_ok: bool = False) -> tuple[MaskedAutoencoder, dict[str, Any]]:
-    """Build the model a weights file describes (or `arch`, for files that record none) and load it strictly."""
+    """Build the MAE a weights file describes (or `arch`, for files that record none) and load it strictly; with
+    `encoder_only_ok` (what uses the encoder alone) the decoder may be missing and a contrastive checkpoint's
+    projection head is left out."""
     state_dict, file_arch = read_weights(path)
     if "head.weight" in state_dict:
         raise CheckpointError(f"{path}: a fine-tuned classifier (from maecli finetune), not MAE weights; load it with timm (see its classifier.json)")
+    if any(k.startswith("projector.") for k in state_dict):
+        if not encoder_only_ok:
+            raise ConfigError(f"{path}: a contrastive (simclr) checkpoint: an encoder without an MAE decoder, so there is nothing to reconstruct "
+                              "(probe, finetune and export --format timm use it)")
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("projector.")}
     arch = file_arch or arch
     if arch is None:
         raise CheckpointError(f"{path}: the file records no architecture; give the model size in the [model] section")

@@ -19,7 +19,7 @@ from maecli.errors import ConfigError, MaecliError
 
 app = typer.Typer(
     name="maecli",
-    help="Masked Autoencoder pretraining on unlabeled video: extract, pretrain, visualize, export, probe.",
+    help="Masked Autoencoder pretraining on unlabeled video: extract, pretrain, visualize, export, probe, finetune, compare.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -175,7 +175,7 @@ def pretrain(
     restart: Annotated[bool, typer.Option("--restart", help="Delete this run's checkpoints and start over.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Pretrain the MAE on the frame store's train split; resumes the run folder's latest checkpoint."""
+    """Pretrain on the frame store's train split (MAE, or SimCLR with pretrain.method = "simclr"); resumes the run folder's latest checkpoint."""
     from maecli.train import pretrain as run_pretrain
 
     cfg = load_config(config, set_ or [])
@@ -192,8 +192,7 @@ def pretrain(
             f"(data wait {100 * summary['data_wait_fraction']:.1f}% of the time)",
             f"checkpoint: {summary['checkpoint']}",
             f"loss curve: {summary['loss_curve']}",
-            f"reconstructions: {summary['snapshot']}",
-        ])  # fmt: skip
+        ] + ([f"reconstructions: {summary['snapshot']}"] if summary["snapshot"] else []))  # fmt: skip
 
 
 CheckpointOpt = Annotated[str | None, typer.Option("--checkpoint", help="Weights to use: a maecli checkpoint, an official MAE .pth or a HF folder (default: the run's latest).")]
@@ -362,6 +361,72 @@ def print_probe_table(report: dict[str, Any]) -> None:
                 cells.append(f"{100 * result[method]['top5']:.1f}%")
         table.add_row(name, *cells)
     console.print(table)
+
+
+@app.command()
+@reports_errors
+def compare(
+    config: ConfigOpt = Path(CONFIG_NAME),
+    set_: SetOpt = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="Training time per method on this device: 90s, 20m, 2h (sets compare.budget).")] = None,
+    budget_flops: Annotated[float | None, typer.Option("--budget-flops", help="Training FLOPs per method, e.g. 1e15 (sets compare.budget_flops).")] = None,
+    budget_steps: Annotated[int | None, typer.Option("--budget-steps", help="Steps of the first method; the others get its FLOPs (sets compare.budget_steps).")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", help="A method to compare, mae or simclr; repeatable (sets compare.methods).")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option("--finetune-epochs", help="Also fine-tune each final encoder for this many epochs (sets compare.finetune_epochs).")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Delete this comparison (plan, runs, probes) and start over.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """MAE or contrastive for this data at this budget: pretrain each method on the store under one compute budget,
+    probe each at 1/8, 1/4, 1/2 and all of it ([probe]'s labeled set), against random init and raw pixels; resumes."""
+    from maecli.compare import run_compare
+
+    overrides = list(set_ or [])
+    given = {"budget": budget, "budget_flops": budget_flops, "budget_steps": budget_steps}
+    if any(v is not None for v in given.values()):  # a budget on the command line replaces the project file's
+        unset = {"budget": '""', "budget_flops": "0", "budget_steps": "0"}
+        overrides += [f"compare.{k}={json.dumps(v) if v is not None else unset[k]}" for k, v in given.items()]
+    if method:
+        overrides.append(f"compare.methods={json.dumps(method)}")
+    if finetune_epochs is not None:
+        overrides.append(f"compare.finetune_epochs={finetune_epochs}")
+    report = run_compare(load_config(config, overrides), restart=restart, console=console)
+    if json_out:
+        print_json(report)
+        return
+    print_lines(report["notes"])
+    print_compare_table(report)
+    print_lines([f"report: {report['report']}", f"accuracy vs compute: {report['plot']}"])
+
+
+def percent(value: float | None) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "-"
+
+
+def print_compare_table(report: dict[str, Any]) -> None:
+    from fractions import Fraction
+
+    from rich.table import Table
+
+    from maecli.compare import FRACTIONS
+
+    cost = Table(title=f"budget: {report['budget']['text']}, batch {report['batch']}, {report['device']}")
+    for col in ("method", "ms/step", "GFLOP/step", "steps", "images seen", "PFLOP", "train s"):
+        cost.add_column(col, justify="left" if col == "method" else "right")
+    for name, m in report["methods"].items():
+        cost.add_row(name, f"{1000 * m['step_seconds']:.0f}" if m["step_seconds"] else "-", f"{m['flops_per_step'] / 1e9:.3g}", str(m["steps"]),
+                     f"{m['images_seen']:,}", f"{m['flops'] / 1e15:.3g}", f"{m['train_seconds']:.0f}")
+    console.print(cost)
+    tuned = report["finetune_epochs"] > 0
+    quality = Table(title=f"top-1 (%), linear probe/k-NN, at each fraction of the budget; {report['classes']} classes, {report['train_images']} "
+                          f"train / {report['val_images']} val images" + (f"; fine-tuned {report['finetune_epochs']} epochs" if tuned else ""))
+    for col in ["encoder", *[f"at {Fraction(f)}" for f in FRACTIONS], *(["fine-tuned"] if tuned else [])]:
+        quality.add_column(col, justify="left" if col == "encoder" else "right", no_wrap=True)
+    both = lambda r: f"{100 * r['linear']:.1f}/{100 * r['knn']:.1f}"  # noqa: E731
+    for name, m in report["methods"].items():
+        quality.add_row(name, *[both(p) for p in m["points"]], *([percent(m.get("finetuned"))] if tuned else []))
+    for name, f in report["floors"].items():
+        quality.add_row(name, *[both(f)] * len(FRACTIONS), *([percent(f["finetuned"])] if tuned else []))
+    console.print(quality)
 
 
 @app.command()

@@ -7,6 +7,7 @@ is reported at once, one line each, as `maecli.toml: model.mask_ratio: must be l
 import difflib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -180,6 +181,7 @@ class PretrainConfig(Section):
     """Pretraining on the store's train split: the official MAE recipe (AdamW, warmup + cosine), checkpoints, logging."""
 
     run: str = Field("pretrain", min_length=1, description="Run folder name, under project.output_dir.")
+    method: Literal["mae", "simclr"] = Field("mae", description="mae: masked autoencoding; simclr: contrastive, two augmented views ([simclr]).")
     batch_size: int = Field(64, gt=0, description="Images per device per step (the effective batch is batch_size x devices x accum_iter).")
     epochs: int = Field(100, ge=0, description="Passes over the train split (replaced by steps when steps > 0).")
     steps: int = Field(0, ge=0, description="Total optimizer steps; when > 0 it replaces epochs.")
@@ -191,8 +193,8 @@ class PretrainConfig(Section):
     warmup_epochs: float = Field(5.0, ge=0, description="Linear warmup length in epochs (replaced by warmup_steps when > 0).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup length in optimizer steps; when > 0 it replaces warmup_epochs.")
     clip_grad: float = Field(0.0, ge=0, description="Clip the gradient norm to this value (0: no clipping).")
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="Random resized crop: range of the crop's area as a fraction of the frame.")
-    hflip: bool = Field(True, description="Random horizontal flips.")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="MAE's random resized crop: range of the crop's area as a fraction of the frame.")
+    hflip: bool = Field(True, description="MAE's random horizontal flips.")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model (auto: on CUDA only; compiling on a CPU rarely pays).")
     checkpoint_every: int = Field(1000, gt=0, description="Write a checkpoint and a reconstruction snapshot every this many steps (and at the end).")
     keep_last: int = Field(3, gt=0, description="Checkpoints kept in the run folder (older ones are deleted).")
@@ -208,6 +210,33 @@ class PretrainConfig(Section):
         if self.epochs == 0 and self.steps == 0:
             raise ValueError("epochs: set epochs > 0 or steps > 0")
         return self
+
+
+class SimclrConfig(Section):
+    """Contrastive pretraining (`pretrain.method = "simclr"`): SimCLR's two views per frame, a projection head on the
+    class token, NT-Xent with the rest of the global batch as negatives. Optimizer and schedule are [pretrain]'s (the
+    learning rate too unless blr is set: contrastive ViTs often need a lower one)."""
+
+    blr: float = Field(0.0, ge=0, description="Base learning rate of SimCLR runs, lr = blr x effective batch / 256 (0: [pretrain]'s lr or blr).")
+    temperature: float = Field(0.2, gt=0, description="NT-Xent temperature.")
+    proj_hidden: int = Field(2048, gt=0, description="Hidden width of the 2-layer projection head.")
+    proj_dim: int = Field(128, gt=0, description="Output width of the projection head (the space the loss compares in).")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Random resized crop of each view: range of its area as a fraction of the frame.")
+    hflip: bool = Field(True, description="Random horizontal flips of each view.")
+    jitter: float = Field(1.0, ge=0, description="Colour jitter strength s: brightness, contrast, saturation by up to 0.8 s, hue by up to 0.2 s.")
+    jitter_prob: float = Field(0.8, ge=0, le=1, description="Probability that a view is colour-jittered.")
+    grayscale_prob: float = Field(0.2, ge=0, le=1, description="Probability that a view is turned grey.")
+    blur_prob: float = Field(0.5, ge=0, le=1, description="Probability that a view is Gaussian-blurred (kernel: a tenth of the image side).")
+    blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Range of the blur's sigma, in pixels of the model input.")
+
+    _scale_range = field_validator("crop_scale")(_area_range)
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _sigma_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"must be [low, high] with 0 < low <= high (got {list(value)})")
+        return value
 
 
 class VisualizeConfig(Section):
@@ -284,15 +313,60 @@ class FinetuneConfig(Section):
     _resolve_checkpoint = field_validator("checkpoint")(_resolve_optional)
 
 
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h)")
+SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+class CompareConfig(Section):
+    """`maecli compare`: each method pretrained on the store under one compute budget, probed at 1/8, 1/4, 1/2 and all
+    of it on the labeled set of [probe] (and fine-tuned at the end). Each run's recipe is [pretrain]'s (and [simclr]'s);
+    compare sets its length. Give one budget: a time, FLOPs, or steps."""
+
+    run: str = Field("compare", min_length=1, description="Folder for the comparison, under project.output_dir (one run per method inside).")
+    methods: list[Literal["mae", "simclr"]] = Field(["mae", "simclr"], min_length=1, description="Methods to compare; the first is the reference of budget_steps.")
+    budget: str = Field("", description="Training time per method on this device, like 90s, 20m or 2h: steps from a measured step time.")
+    budget_flops: float = Field(0.0, ge=0, description="Training FLOPs per method (analytic, forward + backward).")
+    budget_steps: int = Field(0, ge=0, description="Steps of the reference method (the first); the others get the same FLOPs.")
+    finetune_epochs: int = Field(0, ge=0, description="Then fine-tune each method's final encoder, and a random-init one, for this many epochs ([finetune]'s recipe; 0: not).")
+
+    @field_validator("budget")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if value and not DURATION.fullmatch(value):
+            raise ValueError(f"expected a duration like 90s, 20m or 2h (got {_show(value)})")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) < len(value):
+            raise ValueError(f"each method once (got {_show(value)})")
+        return value
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "CompareConfig":
+        given = [name for name in ("budget", "budget_flops", "budget_steps") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: give one budget (got {' and '.join(given)})")
+        return self
+
+    @property
+    def budget_seconds(self) -> float:
+        number, unit = DURATION.fullmatch(self.budget).groups()
+        return float(number) * SECONDS[unit]
+
+
 class MaecliConfig(Section):
     project: ProjectConfig = Field(default_factory=dict)
     model: ModelConfig = Field(default_factory=dict)
     extract: ExtractConfig = Field(default_factory=dict)
     pretrain: PretrainConfig = Field(default_factory=dict)
+    simclr: SimclrConfig = Field(default_factory=dict)
     visualize: VisualizeConfig = Field(default_factory=dict)
     export: ExportConfig = Field(default_factory=dict)
     probe: ProbeConfig = Field(default_factory=dict)
     finetune: FinetuneConfig = Field(default_factory=dict)
+    compare: CompareConfig = Field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -365,7 +439,7 @@ def format_errors(err: ValidationError, source: str, overridden: set[str] = froz
             messages = [[None, _describe(e, loc)]]
         for field, text in messages:
             where = ".".join(loc + ([field] if field else []))
-            origin = "--set" if any(o == where or o.startswith(where + ".") for o in overridden) else source
+            origin = "--set" if any(o == where or o.startswith(where + ".") or where.startswith(o + ".") for o in overridden) else source
             lines.append(f"{origin}: {where}: {text}" if where else f"{origin}: {text}")
     return lines
 

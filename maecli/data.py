@@ -1,15 +1,17 @@
 """The one data path from the frame store to the model: sampling order, per-sample randomness, prefetching,
-and MAE's augmentation (random resized crop + horizontal flip) done in one batched op on the device.
+and the random resized crop (+ horizontal flip) done in one batched op on the device.
 
-Every random choice is a function of (seed, micro-step): the epoch's permutation, each sample's crop,
-flip and mask noise. A global micro-batch is drawn whole and each rank takes its slice, so one process
-and N processes see the same global batch, and a resumed run continues bit for bit without saved RNG state.
+Every random choice is a function of (seed, micro-step): the epoch's permutation and each sample's draws (a method
+says what it draws, `maecli.methods`: for MAE a crop, a flip and mask noise). A global micro-batch is drawn whole and
+each rank takes its slice, so one process and N processes see the same global batch, and a resumed run continues
+bit for bit without saved RNG state.
 """
 
 import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,14 +76,15 @@ def crop_boxes(rng: np.random.Generator, n: int, frame_hw: tuple[int, int], out_
     return theta
 
 
-def step_randomness(plan: Plan, micro_step: int, frame_hw: tuple[int, int], out_hw: tuple[int, int], num_patches: int,
-                    scale: tuple[float, float], hflip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's crops (B, 2, 3) and mask noise (B, L), drawn for the whole global batch of the micro-step."""
+Draw = Callable[[np.random.Generator, int, tuple[int, int]], tuple[np.ndarray, ...]]  # (rng, n, frame_hw) -> arrays of n rows
+
+
+def step_randomness(plan: Plan, micro_step: int, draw: Draw, frame_hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """This rank's rows of the method's random draws (crops, masks, ...) at a micro-step, drawn for the whole global
+    batch so that one process and N processes see the same draws."""
     rng = np.random.default_rng([plan.seed, 1, micro_step])
-    theta = crop_boxes(rng, plan.global_batch, frame_hw, out_hw, scale, hflip)  # (G, 2, 3)
-    noise = rng.random((plan.global_batch, num_patches), dtype=np.float32)  # (G, L)
     s = plan.rank_slice()
-    return theta[s], noise[s]
+    return tuple(a[s] for a in draw(rng, plan.global_batch, frame_hw))
 
 
 def center_crop(n: int, frame_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
@@ -105,12 +108,16 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * std + mean).clamp(0, 1)
 
 
-def augment(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """uint8 frames (B, H, W, 3) + crops (B, 2, 3) -> normalized float images (B, 3, h, w), on the frames' device."""
+def resized_crop(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """uint8 frames (B, H, W, 3) + crops (B, 2, 3) -> pixels (B, 3, h, w) in [0, 1], bilinear, on the frames' device."""
     x = frames.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, H, W)
     grid = F.affine_grid(theta.to(x.device), [x.shape[0], 3, *out_hw], align_corners=False)  # (B, h, w, 2)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, 3, h, w)
-    return normalize(x)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, 3, h, w)
+
+
+def augment(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """uint8 frames (B, H, W, 3) + crops (B, 2, 3) -> normalized float images (B, 3, h, w), on the frames' device."""
+    return normalize(resized_crop(frames, theta, out_hw))
 
 
 def store_input(store: FrameStore, indices: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -125,16 +132,14 @@ def to_input(frames: torch.Tensor) -> torch.Tensor:
 
 
 class Loader:
-    """Prefetches micro-batches in a background thread: store reads, crops and noise, pinned for CUDA.
+    """Prefetches micro-batches in a background thread: store reads and the method's random draws, pinned for CUDA.
 
-    `next()` returns (frames uint8 (B, H, W, 3), theta (B, 2, 3), noise (B, L)) on `device`, and adds the
-    time it had to wait to `waited` (seconds): a loader that keeps up leaves it near zero.
+    `next()` returns (frames uint8 (B, H, W, 3), *draws) on `device` (for MAE: crops (B, 2, 3) and mask noise
+    (B, L)), and adds the time it had to wait to `waited` (seconds): a loader that keeps up leaves it near zero.
     """
 
-    def __init__(self, store: FrameStore, plan: Plan, start: int, device: torch.device, out_hw: tuple[int, int], num_patches: int,
-                 scale: tuple[float, float], hflip: bool, depth: int = 4) -> None:
-        self.store, self.plan, self.device = store, plan, device
-        self.args = (tuple(store.size), out_hw, num_patches, scale, hflip)
+    def __init__(self, store: FrameStore, plan: Plan, start: int, device: torch.device, draw: Draw, depth: int = 4) -> None:
+        self.store, self.plan, self.device, self.draw = store, plan, device, draw
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.waited = 0.0
@@ -146,8 +151,8 @@ class Loader:
         try:
             while not self.stop.is_set():
                 frames = torch.from_numpy(self.store.get_batch(self.plan.indices(micro_step)))  # (B, H, W, 3) uint8
-                theta, noise = (torch.from_numpy(a) for a in step_randomness(self.plan, micro_step, *self.args))
-                item = tuple(t.pin_memory() if pin else t for t in (frames, theta, noise))
+                draws = [torch.from_numpy(a) for a in step_randomness(self.plan, micro_step, self.draw, tuple(self.store.size))]
+                item = tuple(t.pin_memory() if pin else t for t in (frames, *draws))
                 while not self.stop.is_set():
                     try:
                         self.queue.put(item, timeout=0.1)
@@ -158,7 +163,7 @@ class Loader:
         except Exception as err:  # handed to the consumer, which re-raises it with its traceback
             self.queue.put(err)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, ...]:
         t = time.perf_counter()
         item = self.queue.get()
         self.waited += time.perf_counter() - t

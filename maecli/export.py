@@ -26,7 +26,7 @@ from maecli.vit import encoder_state_dict, load_snippet, timm_spec
 def export_encoder(cfg: MaecliConfig, *, checkpoint: str | None, fmt: str, out: str | None) -> dict[str, Any]:
     notes: list[str] = []
     path = resolve_checkpoint(cfg.run_dir, checkpoint or cfg.export.checkpoint, notes)
-    model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs))
+    model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs), encoder_only_ok=fmt == "timm")  # HF's ViTMAE holds the decoder
     folder = Path(out or cfg.export.out or cfg.run_dir / "export")
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":

@@ -48,14 +48,14 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
-def plot_loss(metrics: Path, path: Path, title: str) -> None:
+def plot_loss(metrics: Path, path: Path, title: str, loss_name: str) -> None:
     from matplotlib.figure import Figure
 
     rows = read_lines(metrics)
     fig = Figure(figsize=(6, 3.5), dpi=100)
     ax = fig.add_subplot()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
-    ax.set(xlabel="step", ylabel="loss (MSE on masked patches)", title=f"{title}: pretraining loss")
+    ax.set(xlabel="step", ylabel=f"loss ({loss_name})", title=f"{title}: pretraining loss")
     ax.grid(alpha=0.3)
     _save(fig, path)
 
@@ -107,4 +107,24 @@ def plot_bench(result: dict[str, Any], path: Path) -> None:
     a = result["arch"]
     ax.set(xlabel="training images / s (higher is better)",
            title=f"ViT {a['embed_dim']}x{a['depth']}, patch {a['patch_size']}, {a['img_size'][0]}x{a['img_size'][1]} px, batch {result['batch']}, {result['device']}")
+    _save(fig, path)
+
+
+def plot_compare(report: dict[str, Any], path: Path, title: str) -> None:
+    """Accuracy against training compute, one line per method (a point per probed checkpoint), the floors as
+    horizontal lines: linear probe and k-NN side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8), dpi=100)
+    for i, (key, label) in enumerate((("linear", "linear probe"), ("knn", "k-NN"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for name, m in report["methods"].items():
+            ax.plot([p["flops"] for p in m["points"]], [100 * p[key] for p in m["points"]], marker="o", label=name)
+        for (name, floor), style in zip(report["floors"].items(), ("--", ":"), strict=True):
+            ax.axhline(100 * floor[key], color="grey", linestyle=style, label=name)
+        ax.set_xscale("log")
+        ax.set(xlabel="training FLOPs (analytic)", ylabel=f"{label} top-1 (%)", title=f"{title}: {label}, budget {report['budget']['text']}")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     _save(fig, path)

@@ -77,6 +77,11 @@ def write_json(path: Path | str, obj: Any, compact: bool = False) -> None:
     write_text(path, (json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2)) + "\n")
 
 
+def read_json(path: Path, default: Any) -> Any:
+    """A JSON file this tool wrote (atomically, so whole or absent), or `default` when there is none."""
+    return json.loads(path.read_text()) if path.exists() else default
+
+
 def append_line(path: Path, line: str) -> None:
     """Append one line to a log (metrics): not atomic, so readers drop a torn last line."""
     try:

@@ -38,7 +38,7 @@ from maecli.device import autocast_for, compiles, precision
 from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
 from maecli.figures import plot_confusion, plot_curves
 from maecli.files import append_line, atomic_write, keep_lines, owned, read_lines, write_json
-from maecli.inference import load_for_inference
+from maecli.inference import load_for_inference, random_encoder
 from maecli.labeled import labeled_split, load_images, scores_report
 from maecli.loop import decays, distributed, for_training, get_lr, progress_bar, stop_on_ctrl_c
 from maecli.model import MaskedAutoencoder
@@ -74,8 +74,7 @@ def run_finetune(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines:
     data = Labeled(train_x, train_y, val_x, val_y, classes)
     encoders = {"pretrained": encoder}
     if "random" in baselines:
-        torch.manual_seed(cfg.project.seed)
-        encoders["random init"] = MaskedAutoencoder(**arch)
+        encoders["random init"] = random_encoder(arch, cfg.project.seed)
     out = cfg.run_dir / fc.run
     with distributed(device) as (rank, world), owned(out, "finetune.run") if rank == 0 else nullcontext():
         settings = dict(source=str(path), classes=classes, seed=cfg.project.seed, **fc.model_dump(mode="json", exclude={"checkpoint", *RESUMABLE}))

@@ -21,14 +21,21 @@ from maecli.model import MaskedAutoencoder
 STATS_LABELS = {"visible": "patch statistics: visible patches only", "target": "patch statistics: true target (leaks information)"}
 
 
-def load_for_inference(cfg: MaecliConfig, checkpoint: str | None, notes: list[str]) -> tuple[MaskedAutoencoder, dict[str, Any], Path, torch.device]:
+def load_for_inference(cfg: MaecliConfig, checkpoint: str | None, notes: list[str], *, decoder: bool = False,
+                       ) -> tuple[MaskedAutoencoder, dict[str, Any], Path, torch.device]:
     """The weights named (else the run's newest readable checkpoint; skipped ones go into `notes`), as a model in
     eval mode on `project.device`, with its architecture, path and device. Files that record no architecture
-    (official .pth) are sized by [model]."""
+    (official .pth) are sized by [model]. `decoder`: the caller reconstructs, so weights without a decoder are refused."""
     path = resolve_checkpoint(cfg.run_dir, checkpoint, notes)
-    model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs))
+    model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs), encoder_only_ok=not decoder)
     device = pick_device(cfg.project.device)
     return model.to(device).eval(), arch, path, device
+
+
+def random_encoder(arch: dict[str, Any], seed: int) -> MaskedAutoencoder:
+    """The floor a pretrained encoder is measured against: the same shape, initialised from the seed, never trained."""
+    torch.manual_seed(seed)
+    return MaskedAutoencoder(**arch)
 
 
 def pool_features(tokens: torch.Tensor, pool: str) -> torch.Tensor:

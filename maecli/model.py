@@ -55,6 +55,7 @@ class MaskedAutoencoder(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
         norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        decoder: bool = True,
     ) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
@@ -76,29 +77,33 @@ class MaskedAutoencoder(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
 
-        # decoder
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [
-                Block(dim=decoder_embed_dim, num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-                for _ in range(decoder_depth)
-            ]
-        )
-        self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        # decoder (left out when another objective trains the encoder: `maecli.simclr`)
+        self.has_decoder = decoder
+        if decoder:
+            self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+            self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False)
+            self.decoder_blocks = nn.ModuleList(
+                [
+                    Block(dim=decoder_embed_dim, num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                    for _ in range(decoder_depth)
+                ]
+            )
+            self.decoder_norm = norm_layer(decoder_embed_dim)
+            self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
-        self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size).unsqueeze(0))
+        if self.has_decoder:
+            self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size).unsqueeze(0))
         # patch_embed like nn.Linear (instead of nn.Conv2d), as the official code does
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if self.has_decoder:
+            nn.init.normal_(self.mask_token, std=0.02)
         self.apply(self._init_weights)
 
     @staticmethod

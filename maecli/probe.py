@@ -21,7 +21,7 @@ from maecli.data import to_input
 from maecli.device import autocast_for
 from maecli.figures import plot_confusion
 from maecli.files import write_json
-from maecli.inference import load_for_inference, pool_features
+from maecli.inference import load_for_inference, pool_features, random_encoder
 from maecli.labeled import labeled_split, load_images, scores_report
 from maecli.model import MaskedAutoencoder
 
@@ -84,6 +84,19 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
     return to_input(images).flatten(1)
 
 
+def probe_encoder(encoder: MaskedAutoencoder | None, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                  classes: list[str], cfg: MaecliConfig, device: torch.device) -> dict[str, Any]:
+    """Linear-probe and k-NN reports of one encoder (None: the raw pixels) on uint8 images and labels at its input size."""
+    pc = cfg.probe
+    if encoder is None:
+        train_x, val_x = pixel_features(train[0]), pixel_features(val[0])
+    else:  # features computed once, cached
+        train_x, val_x = embed(encoder, train[0], pc.pool, device), embed(encoder, val[0], pc.pool, device)
+    linear = linear_probe(train_x, train[1], val_x, len(classes), epochs=pc.epochs, lr=pc.lr, batch_size=pc.batch_size, seed=cfg.project.seed)
+    knn = knn_scores(train_x, train[1], val_x, len(classes), k=pc.k, temperature=pc.temperature)
+    return {"linear": scores_report(linear, val[1], classes), "knn": scores_report(knn, val[1], classes)}
+
+
 def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines: tuple[str, ...] = ()) -> dict[str, Any]:
     """The probes on the pretrained encoder and on each of `baselines`: "random" (a randomly initialised encoder of
     the same shape) and "pixels" (the input pixels themselves, no encoder)."""
@@ -98,21 +111,14 @@ def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines: tu
     val_imgs, val_y = load_images(val_items, model.img_size, notes)
     encoders: dict[str, MaskedAutoencoder | None] = {"pretrained": model}
     if "random" in baselines:
-        torch.manual_seed(cfg.project.seed)
-        encoders["random init"] = MaskedAutoencoder(**arch)
+        encoders["random init"] = random_encoder(arch, cfg.project.seed)
     if "pixels" in baselines:
         encoders["raw pixels"] = None
     out_dir = cfg.run_dir / "probe"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, encoder in encoders.items():
-        if encoder is None:
-            train_x, val_x = pixel_features(train_imgs), pixel_features(val_imgs)
-        else:  # features computed once, cached
-            train_x, val_x = embed(encoder, train_imgs, pc.pool, device), embed(encoder, val_imgs, pc.pool, device)
-        linear = linear_probe(train_x, train_y, val_x, len(classes), epochs=pc.epochs, lr=pc.lr, batch_size=pc.batch_size, seed=cfg.project.seed)
-        knn = knn_scores(train_x, train_y, val_x, len(classes), k=pc.k, temperature=pc.temperature)
-        results[name] = {"linear": scores_report(linear, val_y, classes), "knn": scores_report(knn, val_y, classes)}
+        results[name] = probe_encoder(encoder, (train_imgs, train_y), (val_imgs, val_y), classes, cfg, device)
         slug = name.replace(" ", "-")
         plot_confusion(results[name]["linear"]["confusion"], classes, out_dir / f"confusion-{slug}.png", f"{name}, linear probe")
         results[name]["confusion_png"] = str(out_dir / f"confusion-{slug}.png")

@@ -1,4 +1,5 @@
-"""`maecli pretrain`: the MAE pretraining loop on one CPU, one GPU, or many through torchrun.
+"""`maecli pretrain`: the pretraining loop on one CPU, one GPU, or many through torchrun, for every method (MAE, SimCLR:
+`maecli.methods` says what a method builds, draws and minimises).
 
 One flat loop: set the lr, micro-steps (forward, backward), clip, step, then maybe log, checkpoint and
 snapshot. Distributed is one probe (`RANK` in the environment) and an `is_main` flag; only the main
@@ -18,9 +19,9 @@ import torch.distributed as dist
 from rich.console import Console
 
 from maecli import __version__
-from maecli.checkpoint import canonical_arch, check_same_arch, checkpoint_files, load_state, read_weights, resume_checkpoint, save_checkpoint
-from maecli.config import MaecliConfig, PretrainConfig, dump_toml
-from maecli.data import Loader, Plan, augment
+from maecli.checkpoint import HEADS, canonical_arch, check_same_arch, checkpoint_files, checkpoint_method, load_state, read_weights, resume_checkpoint, save_checkpoint
+from maecli.config import MaecliConfig, dump_toml
+from maecli.data import Loader, Plan
 from maecli.device import autocast_for, compiles, pick_device, precision
 from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
 from maecli.figures import plot_loss, save_reconstructions
@@ -28,7 +29,9 @@ from maecli.files import append_line, keep_lines, owned, write_json, write_text
 from maecli.inference import fixed_noise
 from maecli.inputs import Inputs, shown_split
 from maecli.loop import distributed, for_training, get_lr, param_groups, peak_memory_mib, progress_bar, stop_on_ctrl_c
+from maecli.methods import method_of
 from maecli.model import MaskedAutoencoder
+from maecli.simclr import collapse_note
 from maecli.store import FrameStore
 
 
@@ -43,7 +46,8 @@ class Schedule:
     lr: float  # peak
 
     @classmethod
-    def of(cls, pc: PretrainConfig, plan: Plan, store: Path) -> "Schedule":
+    def of(cls, cfg: MaecliConfig, plan: Plan) -> "Schedule":
+        pc, store = cfg.pretrain, cfg.extract.store
         if plan.micro_steps_per_epoch < pc.accum_iter:
             raise ConfigError(
                 f"pretrain.batch_size: the train split of {store} has {plan.num_frames} frames, fewer than one optimizer step "
@@ -52,7 +56,15 @@ class Schedule:
         steps_per_epoch = plan.micro_steps_per_epoch // pc.accum_iter
         batch = plan.global_batch * pc.accum_iter
         return cls(steps_per_epoch=steps_per_epoch, total=pc.steps or pc.epochs * steps_per_epoch,
-                   warmup=pc.warmup_steps or round(pc.warmup_epochs * steps_per_epoch), batch=batch, lr=pc.lr or pc.blr * batch / 256)
+                   warmup=pc.warmup_steps or round(pc.warmup_epochs * steps_per_epoch), batch=batch, lr=lr_of(cfg, batch))
+
+
+def lr_of(cfg: MaecliConfig, batch: int) -> float:
+    """The peak learning rate at this effective batch: [simclr] blr for SimCLR runs when set, else pretrain.lr, else
+    pretrain.blr x batch / 256."""
+    if cfg.pretrain.method == "simclr" and cfg.simclr.blr:
+        return cfg.simclr.blr * batch / 256
+    return cfg.pretrain.lr or cfg.pretrain.blr * batch / 256
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -69,9 +81,10 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     pc, mc, is_main = cfg.pretrain, cfg.model, rank == 0
     store = FrameStore(cfg.extract.store, split="train")
     plan = Plan(num_frames=len(store), batch_size=pc.batch_size, world_size=world, rank=rank, seed=cfg.project.seed)
-    sched = Schedule.of(pc, plan, cfg.extract.store)
+    sched = Schedule.of(cfg, plan)
+    method = method_of(cfg)
     torch.manual_seed(cfg.project.seed)
-    raw = MaskedAutoencoder(**mc.mae_kwargs).to(device)
+    raw = method.build().to(device)
     optimizer = torch.optim.AdamW(param_groups(raw, pc.weight_decay), lr=sched.lr, betas=(0.9, 0.95), fused=True)
     if restart and is_main:
         clear_run(cfg.run_dir)
@@ -82,7 +95,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     model = for_training(raw, device, world, compiled)
     autocast = autocast_for(device)
     log = RunLog(cfg, start, raw, device) if is_main else None
-    loader = Loader(store, plan, start * pc.accum_iter, device, mc.img_size, raw.num_patches, pc.crop_scale, pc.hflip)
+    loader = Loader(store, plan, start * pc.accum_iter, device, method.draw)
     first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, found without a host sync
     last_ckpt, t_run = None, time.perf_counter()
     try:
@@ -94,10 +107,10 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
                     group["lr"] = lr
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(pc.accum_iter):
-                    frames, theta, noise = loader.next()
-                    imgs = augment(frames, theta, mc.img_size)  # (B, 3, h, w)
+                    frames, *draws = loader.next()  # uint8 (B, H, W, 3), the method's random draws
+                    inputs = method.inputs(frames, *draws)  # augmented on the device, in float32
                     with (model.no_sync() if world > 1 and micro < pc.accum_iter - 1 else nullcontext()), autocast:
-                        loss, _, _ = model(imgs, mask_ratio=mc.mask_ratio, noise=noise)
+                        loss = method.loss(model, *inputs)
                     (loss / pc.accum_iter).backward()
                     loss_sum += loss.detach().float()
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), pc.clip_grad if pc.clip_grad > 0 else float("inf"))
@@ -113,7 +126,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
                         row = log.metrics(done, done / sched.steps_per_epoch, loss_value, lr, grad_norm.item(), sched.batch, loader.waited)
                         progress.update(task, epoch=done // sched.steps_per_epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", ips=f"{row['images_per_s']:.1f}")
                 if is_main and at_ckpt:
-                    meta = {"config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__}
+                    meta = {"method": method.name, "config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__}
                     last_ckpt = save_checkpoint(cfg.run_dir / "checkpoints", done, raw, optimizer, canonical_arch(mc.mae_kwargs), meta, pc.keep_last)
                     with autocast:
                         log.snapshot(raw, done)
@@ -125,13 +138,15 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     if not is_main:
         return None
     seconds = time.perf_counter() - t_run
+    if method.name == "simclr" and (note := collapse_note(log.last_loss, plan.global_batch)):
+        notes.append(note)
     return log.finish(dict(
-        run_dir=str(cfg.run_dir), steps=sched.total, steps_this_run=sched.total - start, epochs=round(sched.total / sched.steps_per_epoch, 3),
+        run_dir=str(cfg.run_dir), method=method.name, steps=sched.total, steps_this_run=sched.total - start, epochs=round(sched.total / sched.steps_per_epoch, 3),
         final_loss=round(log.last_loss, 6), seconds=round(seconds, 2), images_per_s=round((sched.total - start) * sched.batch / seconds, 2),
         data_wait_fraction=round(loader.waited / seconds, 4), effective_batch=sched.batch, lr=sched.lr, device=str(device),
         precision=precision(device), compiled=compiled, world_size=world,
         checkpoint=str(checkpoint_files(cfg.run_dir / "checkpoints", sched.total)[0]),
-        snapshot=str(log.snapshot_path(sched.total)), loss_curve=str(cfg.run_dir / "loss.png"), notes=notes,
+        snapshot=str(log.snapshot_path(sched.total)) if log.snapshots else None, loss_curve=str(cfg.run_dir / "loss.png"), notes=notes,
     ))  # fmt: skip
 
 
@@ -145,22 +160,31 @@ def clear_run(run_dir: Path) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
-def load_start(cfg: MaecliConfig, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, list[str]]:
-    """Where training starts: the run's newest checkpoint (model and optimizer), else `init_from`'s weights, else
+def load_start(cfg: MaecliConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, list[str]]:
+    """Where training starts: the run's newest checkpoint (model and optimizer), else `init_from`'s weights (the
+    encoder at least: another method's head is left out, this method's starts fresh when the file lacks it), else
     step 0 from the seed's initialization. Returns the step and a note for the user."""
-    arch = canonical_arch(cfg.model.mae_kwargs)
+    arch, method = canonical_arch(cfg.model.mae_kwargs), cfg.pretrain.method
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    if (found := checkpoint_method(ckpt_dir)) not in (None, method):
+        raise ConfigError(f"{cfg.run_dir}: this run was trained with pretrain.method = {found!r}, not {method!r} (use --restart to start over, "
+                          "or another pretrain.run)")
     notes: list[str] = []
-    start, weights = resume_checkpoint(cfg.run_dir / "checkpoints", model, optimizer, arch, device, notes)
+    start, weights = resume_checkpoint(ckpt_dir, model, optimizer, arch, device, notes)
     if weights is not None:
         return start, notes + [f"resumed from step {start} ({weights})"]
     init_from = cfg.pretrain.init_from
     if not init_from:
         return 0, notes
-    state_dict, found = read_weights(Path(init_from))
-    if found is not None:  # norm_pix_loss may change: it is the loss, not the shape
-        check_same_arch(found, arch, init_from, "init_from has another model shape", ignore=("norm_pix_loss",))
+    state_dict, found_arch = read_weights(Path(init_from))
+    decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads") if method != "mae" else ()
+    if found_arch is not None:  # norm_pix_loss may change: it is the loss, not the shape
+        check_same_arch(found_arch, arch, init_from, "init_from has another model shape", ignore=("norm_pix_loss", *decoder))
+    own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if k in own or not k.startswith(HEADS)}  # another method's head stays behind
     missing = load_state(model, state_dict, init_from, encoder_only_ok=True)
-    return 0, notes + [f"initialized from {init_from}" + (f" (encoder only: {len(missing)} decoder tensors start fresh)" if missing else "")]
+    head = "decoder" if method == "mae" else "projection head"
+    return 0, notes + [f"initialized from {init_from}" + (f" (encoder only: {len(missing)} tensors of the {head} start fresh)" if missing else "")]
 
 
 def checked_loss(step_loss: torch.Tensor, first_bad: torch.Tensor, world: int, last_ckpt: Path | None) -> float:
@@ -176,12 +200,15 @@ def checked_loss(step_loss: torch.Tensor, first_bad: torch.Tensor, world: int, l
     return step_loss.item()
 
 
+LOSS_NAMES = {"mae": "MSE on masked patches", "simclr": "NT-Xent"}
+
+
 class RunLog:
     """What the main process writes besides checkpoints: `config.toml`, `metrics.jsonl` (cut back to the step the run
-    starts from, so a killed run's extra lines go), reconstruction snapshots of fixed frames and masks (those that
-    `maecli visualize` shows), and at the end `loss.png` and `summary.json`."""
+    starts from, so a killed run's extra lines go), for MAE reconstruction snapshots of fixed frames and masks (those
+    that `maecli visualize` shows), and at the end `loss.png` and `summary.json`."""
 
-    def __init__(self, cfg: MaecliConfig, start: int, model: MaskedAutoencoder, device: torch.device) -> None:
+    def __init__(self, cfg: MaecliConfig, start: int, model: torch.nn.Module, device: torch.device) -> None:
         self.run_dir, self.title = cfg.run_dir, cfg.project.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / "config.toml", dump_toml(cfg))
@@ -189,7 +216,10 @@ class RunLog:
         kept = keep_lines(self.metrics_path, lambda r: r["step"] <= start)
         self.last_loss = kept[-1]["loss"] if kept else float("nan")  # a finished run, rerun, still reports its loss
         self.device, self.t, self.waited = device, time.perf_counter(), 0.0
+        self.method, self.snapshots = cfg.pretrain.method, cfg.pretrain.method == "mae"
         self.last_step = start
+        if not self.snapshots:  # a method without a decoder has nothing to reconstruct
+            return
         snap = Inputs(cfg, [], model.img_size, split=shown_split(cfg)[0], limit=cfg.visualize.num_images)
         self.snap_imgs, _ = snap.read(0, len(snap.rows), device)  # (N, 3, h, w)
         self.snap_noise = fixed_noise(cfg.project.seed, len(self.snap_imgs), model.num_patches, device)
@@ -207,11 +237,13 @@ class RunLog:
         return self.run_dir / "snapshots" / f"step-{step:08d}.png"
 
     def snapshot(self, model: MaskedAutoencoder, step: int) -> None:
+        if not self.snapshots:
+            return
         self.snapshot_path(step).parent.mkdir(exist_ok=True)
         save_reconstructions(model, self.snap_imgs, self.mask_ratio, self.snap_noise, self.snapshot_path(step), f"{self.title}, step {step}")
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        plot_loss(self.metrics_path, self.run_dir / "loss.png", self.title)
+        plot_loss(self.metrics_path, self.run_dir / "loss.png", self.title, LOSS_NAMES[self.method])
         write_json(self.run_dir / "summary.json", summary)
         return summary
 

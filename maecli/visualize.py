@@ -27,7 +27,7 @@ def run_visualize(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | Non
     if video_out is not None and (len(inputs) != 1 or Path(inputs[0]).suffix.lower() not in VIDEO_EXTENSIONS):
         raise ConfigError("--video: needs a video file as input (with --start/--end for a time range)")
     notes: list[str] = []
-    model, _, path, device = load_for_inference(cfg, checkpoint or vc.checkpoint, notes)
+    model, _, path, device = load_for_inference(cfg, checkpoint or vc.checkpoint, notes, decoder=True)
     split, split_notes = shown_split(cfg) if not inputs else ("all", [])
     notes += split_notes
     source = Inputs(cfg, inputs, model.img_size, split=split, limit=0 if video_out else vc.num_images, start=start, end=end)

@@ -5,7 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from maecli.bench import MaskTokensInEncoder, analytic_flops, nt_xent
+from maecli.bench import MaskTokensInEncoder
+from maecli.methods import analytic_flops
 from maecli.model import MaskedAutoencoder
 from tests.conftest import TINY
 
@@ -38,72 +39,15 @@ def test_mask_tokens_baseline_trains_every_parameter_on_the_same_mask():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def nt_xent_reference(z1, z2, t):
-    """Straight from the SimCLR paper: for each of the 2N views, -log softmax of its partner among the other 2N - 1."""
-    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
-    n = len(z1)
-    losses = []
-    for i in range(2 * n):
-        partner = (i + n) % (2 * n)
-        sims = [torch.dot(z[i], z[k]) / t for k in range(2 * n) if k != i]
-        positive = torch.dot(z[i], z[partner]) / t
-        losses.append(-(positive - torch.logsumexp(torch.stack(sims), 0)))
-    return torch.stack(losses).mean()
-
-
-def test_nt_xent_matches_the_reference_and_is_symmetric():
-    torch.manual_seed(0)
-    z1, z2 = torch.randn(6, 16), torch.randn(6, 16)
-    for t in (0.1, 0.5):
-        torch.testing.assert_close(nt_xent(z1, z2, t), nt_xent_reference(z1, z2, t), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(nt_xent(z1, z2, t), nt_xent(z2, z1, t), rtol=1e-6, atol=1e-6)
-    aligned = nt_xent(z1, z1 + 1e-3 * torch.randn(6, 16), 0.1)
-    assert aligned < nt_xent(z1, z2, 0.1)  # matching views score better than unrelated ones
-
-
-RANKS = """
-import json, sys, torch, torch.distributed as dist
-from maecli.bench import nt_xent
-dist.init_process_group("gloo"); rank, world = dist.get_rank(), dist.get_world_size()
-g = torch.Generator().manual_seed(0)
-z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)  # the global batch, the same on every rank
-n = 8 // world
-a, b = z1[rank * n:(rank + 1) * n].clone().requires_grad_(), z2[rank * n:(rank + 1) * n].clone().requires_grad_()
-loss = nt_xent(a, b, 0.2)
-loss.backward()
-avg = loss.detach().clone(); dist.all_reduce(avg); avg /= world
-grads = [torch.zeros_like(a.grad) for _ in range(world)]; dist.all_gather(grads, a.grad)
-if rank == 0:
-    json.dump({"loss": avg.item(), "grad": (torch.cat(grads) / world).tolist()}, open(sys.argv[1], "w"))
-dist.destroy_process_group()
-"""
-
-
-def test_nt_xent_across_ranks_equals_one_process(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    (tmp_path / "ranks.py").write_text(RANKS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "ranks.py"), str(tmp_path / "out.json")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads((tmp_path / "out.json").read_text())
-    g = torch.Generator().manual_seed(0)
-    z1, z2 = torch.randn(8, 16, generator=g).requires_grad_(), torch.randn(8, 16, generator=g)
-    loss = nt_xent(z1, z2, 0.2)
-    loss.backward()
-    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)  # every rank's negatives include the other rank's views
-    torch.testing.assert_close(torch.tensor(got["grad"]), z1.grad, rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.parametrize("arch", [TINY, BASE], ids=["tiny", "base"])
 def test_contrastive_flops_match_torch_counter(arch):
-    from maecli.bench import SimCLR, contrastive_flops, two_views
+    from maecli.bench import simclr_views
+    from maecli.methods import contrastive_flops
+    from maecli.simclr import SimCLR
 
-    model = SimCLR(MaskedAutoencoder(**arch), hidden=64, out=16)
-    h, w = model.mae.img_size
-    v1, v2 = two_views(torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8), (h, w), 0)
+    model = SimCLR(**arch, proj_hidden=64, proj_dim=16)
+    h, w = model.img_size
+    v1, v2 = simclr_views(torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8), (h, w), 0)
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
         model(v1, v2).backward()

@@ -7,13 +7,15 @@ from maecli.data import Plan, augment, center_crop, crop_boxes, step_randomness,
 
 
 def test_ranks_split_one_global_batch_and_epochs_cover_the_split():
+    def draw(rng, n, frame_hw):
+        return crop_boxes(rng, n, frame_hw, (32, 32), (0.2, 1.0), True), rng.random((n, 16), dtype=np.float32)
+
     one = Plan(num_frames=50, batch_size=8, world_size=1, rank=0, seed=3)
     two = [Plan(num_frames=50, batch_size=4, world_size=2, rank=r, seed=3) for r in range(2)]
     for step in range(12):
         assert np.array_equal(one.indices(step), np.concatenate([p.indices(step) for p in two]))
-        args = ((32, 32), (32, 32), 16, (0.2, 1.0), True)
-        theta, noise = step_randomness(one, step, *args)
-        parts = [step_randomness(p, step, *args) for p in two]
+        theta, noise = step_randomness(one, step, draw, (32, 32))
+        parts = [step_randomness(p, step, draw, (32, 32)) for p in two]
         assert np.array_equal(theta, np.concatenate([t for t, _ in parts])) and np.array_equal(noise, np.concatenate([n for _, n in parts]))
     epoch = np.concatenate([one.indices(s) for s in range(one.micro_steps_per_epoch)])  # 6 batches of 8 from 50 frames
     assert len(set(epoch.tolist())) == 48  # no frame twice within an epoch

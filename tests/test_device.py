@@ -56,6 +56,11 @@ def test_auto_takes_this_machines_path(runner, tmp_path, store):
     report = json.loads(tuned.stdout)
     compiled = report["results"]["pretrained"]["compiled"]
     assert (report["device"], report["precision"], compiled) == (("cuda:0", "bfloat16", True) if GPUS else ("cpu", "float32", False))
+    simclr = runner.invoke(app, ["pretrain", "-c", str(config), "--json", "--set", "pretrain.method=simclr", "--set", "pretrain.run=simclr",
+                                 "--set", "simclr.proj_hidden=64"])  # its views, blur and gathered loss on this machine's path too
+    assert simclr.exit_code == 0, simclr.output
+    summary = json.loads(simclr.stdout)
+    assert (summary["device"], summary["precision"], summary["compiled"]) == (("cuda:0", "bfloat16", True) if GPUS else ("cpu", "float32", False))
 
 
 def test_torchrun_with_more_processes_than_gpus_stops_with_one_line(tmp_path, store):

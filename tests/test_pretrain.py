@@ -83,11 +83,11 @@ def test_weight_decay_groups():
     assert "pos_embed" not in skipped | decayed  # fixed sin-cos: not trained at all
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_run_resumes_bit_identical(runner, tmp_path, store, sig):
+@pytest.mark.parametrize("sig,method", [(signal.SIGKILL, "mae"), (signal.SIGINT, "mae"), (signal.SIGKILL, "simclr")])
+def test_interrupted_run_resumes_bit_identical(runner, tmp_path, store, sig, method):
     (tmp_path / "ref").mkdir()
     (tmp_path / "cut").mkdir()
-    kw = dict(steps=300, checkpoint_every=30, log_every=5)  # seconds of work left after the first checkpoint
+    kw = dict(steps=300, checkpoint_every=30, log_every=5, method=method)  # seconds of work left after the first checkpoint
     result, _ = pretrain(runner, project(tmp_path / "ref", store, **kw))
     assert result.exit_code == 0, result.output
     config = project(tmp_path / "cut", store, **kw)
@@ -114,12 +114,13 @@ def test_interrupted_run_resumes_bit_identical(runner, tmp_path, store, sig):
     assert metrics == list(range(5, 301, 5))  # nothing logged twice
 
 
-def test_torchrun_two_processes_match_one(runner, tmp_path, store):
+@pytest.mark.parametrize("method", ["mae", "simclr"])
+def test_torchrun_two_processes_match_one(runner, tmp_path, store, method):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    result, _ = pretrain(runner, project(tmp_path / "one", store, batch_size=8, steps=6, checkpoint_every=6))
+    result, _ = pretrain(runner, project(tmp_path / "one", store, batch_size=8, steps=6, checkpoint_every=6, method=method))
     assert result.exit_code == 0, result.output
-    config = project(tmp_path / "two", store, batch_size=4, steps=6, checkpoint_every=6)
+    config = project(tmp_path / "two", store, batch_size=4, steps=6, checkpoint_every=6, method=method)  # SimCLR: negatives from both ranks
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "maecli", "pretrain", "-c", str(config), "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -127,14 +128,19 @@ def test_torchrun_two_processes_match_one(runner, tmp_path, store):
     assert summary["world_size"] == 2 and summary["effective_batch"] == 8
     one, two = final_weights(tmp_path / "one", 6), final_weights(tmp_path / "two", 6)
     for k in one:
+        if method == "simclr" and k == "norm.bias":
+            continue  # a constant shift of the class token, removed by the head's batch norm: zero true gradient, as the key bias
         a, b = one[k], two[k]
         if k.endswith("attn.qkv.bias"):
             # The key bias shifts a whole row of attention logits, which softmax ignores: its true gradient is 0,
             # its float gradient is rounding noise, and Adam scales noise up to lr-sized steps. Compare q and v only.
             d = a.shape[0] // 3
             a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"{k} differs between 1 and 2 processes")
-    assert any(not torch.equal(one[k], MaskedAutoencoder(**TINY).state_dict()[k]) for k in one), "nothing trained"
+        # SimCLR's logits are summed in another order once gathered from two ranks: a few 1e-6 differences, which Adam's
+        # normalization keeps at that size (measured: at most 2.2e-6 after 6 steps); MAE stays within 1e-7.
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6 if method == "mae" else 1e-5, msg=f"{k} differs between 1 and 2 processes")
+    fresh = MaskedAutoencoder(**TINY).state_dict()
+    assert any(not torch.equal(one[k], fresh[k]) for k in one if k in fresh), "nothing trained"
 
 
 @pytest.mark.parametrize("fmt", ["maecli", "official", "official-encoder-only", "hf"])

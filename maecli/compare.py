@@ -1,0 +1,198 @@
+"""`maecli compare`: which pretraining method gives the better backbone on *this* data at *this* compute budget? Like
+`quickstart`, a command that composes others (pretrain, probe, finetune).
+
+Each method of [compare] (MAE and SimCLR by default) is pretrained on the project's store with [pretrain]'s recipe
+for the steps one budget buys it, and probed (linear + k-NN, [probe]'s protocol) at 1/8, 1/4, 1/2 and all of the
+budget: accuracy-versus-compute curves rather than one point. A random-init encoder and the raw pixels are the
+floors; with `finetune_epochs`, each method's final encoder (and a random-init one) is fine-tuned too.
+
+The budget is per method, in the user's terms: a time on this device (turned into steps from a step time measured
+once, interleaved across the methods, and recorded), analytic FLOPs, or steps of the reference method (the others
+get the same FLOPs). The plan is written before any training, so the runs are deterministic and a rerun continues
+them (each method is an ordinary `pretrain` run folder under `<output_dir>/<compare.run>/`), reusing every probe
+already made. Step counts are whole eighths of the budget, so that every probed fraction is a checkpoint.
+"""
+
+import math
+import os
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from maecli.bench import interleaved
+from maecli.checkpoint import checkpoint_files, load_model
+from maecli.config import MaecliConfig
+from maecli.device import autocast_for, compiles, pick_device
+from maecli.errors import ConfigError
+from maecli.figures import plot_compare
+from maecli.files import owned, read_json, write_json
+from maecli.labeled import labeled_split, load_images
+from maecli.loop import param_groups
+from maecli.methods import method_of
+from maecli.inference import random_encoder
+from maecli.probe import probe_encoder
+from maecli.store import FrameStore
+
+FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+EIGHTHS = 8  # steps are a multiple of this, so every fraction is a checkpoint
+
+
+def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Plan (or reload the plan), train, probe and fine-tune every method; returns the report written to compare.json."""
+    from maecli.finetune import run_finetune
+    from maecli.train import pretrain
+
+    cc, notes = cfg.compare, []
+    folder = cfg.project.output_dir / cc.run
+    if "RANK" in os.environ:
+        raise ConfigError("compare: runs as one process on one device (torchrun is for pretrain and finetune)")
+    train_items, val_items, classes = labeled_split(cfg, notes)  # no labeled set: fail before any training
+    if not (cc.budget or cc.budget_flops or cc.budget_steps):
+        raise ConfigError("compare.budget: no budget given (--budget 20m, --budget-flops 1e15 or --budget-steps 500)")
+    if restart and folder.exists():
+        shutil.rmtree(folder)
+    with owned(folder, "compare.run"):
+        device = pick_device(cfg.project.device)
+        plan = load_plan(cfg, folder, device)
+        arch = cfg.model.mae_kwargs
+        train = load_images(train_items, cfg.model.img_size, notes)
+        val = load_images(val_items, cfg.model.img_size, notes)
+        floors = {name: cached(folder / f"probe-{name.replace(' ', '-')}.json", probe_encoder, encoder, train, val, classes, cfg, device)
+                  for name, encoder in (("random init", random_encoder(arch, cfg.project.seed)), ("raw pixels", None))}
+        methods = {}
+        for name in cc.methods:
+            m_cfg = method_config(cfg, name, plan["methods"][name]["steps"])
+            summary = pretrain(m_cfg, console=console)
+            notes += [f"{name}: {note}" for note in summary["notes"]]
+            progress = read_json(folder / name / "compare-progress.json", {"train_seconds": 0.0})
+            if summary["steps_this_run"]:
+                progress["train_seconds"] += summary["seconds"]
+                write_json(folder / name / "compare-progress.json", progress)
+            points = []
+            for fraction in FRACTIONS:
+                step = round(fraction * summary["steps"])
+                weights = checkpoint_files(m_cfg.run_dir / "checkpoints", step)[0]
+                encoder = load_model(weights, encoder_only_ok=True)[0]
+                probe = cached(folder / name / f"compare-probe-{step:08d}.json", probe_encoder, encoder, train, val, classes, cfg, device)
+                points.append(dict(fraction=fraction, step=step, flops=step * plan["methods"][name]["flops_per_step"], checkpoint=str(weights),
+                                   linear=probe["linear"]["top1"], knn=probe["knn"]["top1"]))
+            methods[name] = dict(plan["methods"][name], images_seen=summary["steps"] * plan["batch"], flops=points[-1]["flops"],
+                                 train_seconds=round(progress["train_seconds"], 1), run_dir=str(m_cfg.run_dir), points=points)
+        if cc.finetune_epochs:
+            for i, name in enumerate(cc.methods):
+                m_cfg = method_config(cfg, name, plan["methods"][name]["steps"])
+                m_cfg = m_cfg.model_copy(update=dict(finetune=cfg.finetune.model_copy(update=dict(epochs=cc.finetune_epochs))))
+                tuned = run_finetune(m_cfg, checkpoint=methods[name]["points"][-1]["checkpoint"], baselines=("random",) if i == 0 else (),
+                                     console=console)
+                methods[name]["finetuned"] = tuned["results"]["pretrained"]["top1"]
+                if i == 0:
+                    floors["random init"]["finetuned"] = tuned["results"]["random init"]["top1"]
+        report = dict(budget=plan["budget"], batch=plan["batch"], device=plan["device"], classes=len(classes), train_images=len(train[1]),
+                      val_images=len(val[1]), methods=methods, floors={name: dict(linear=f["linear"]["top1"], knn=f["knn"]["top1"],
+                      finetuned=f.get("finetuned")) for name, f in floors.items()}, finetune_epochs=cc.finetune_epochs,
+                      step_times_measured=plan["step_times_measured"], notes=notes, report=str(folder / "compare.json"),
+                      plot=str(folder / "compare.png"))  # fmt: skip
+        plot_compare(report, folder / "compare.png", cfg.project.name)
+        write_json(folder / "compare.json", report)
+    return report
+
+
+def method_config(cfg: MaecliConfig, name: str, steps: int) -> MaecliConfig:
+    """The project's config for one method's run: [pretrain]'s recipe, this method, the plan's steps, a checkpoint at
+    every eighth of them (all kept)."""
+    pc = cfg.pretrain.model_copy(update=dict(run=f"{cfg.compare.run}/{name}", method=name, steps=steps, checkpoint_every=steps // EIGHTHS,
+                                             keep_last=EIGHTHS))
+    return cfg.model_copy(update=dict(pretrain=pc))
+
+
+def cached(path: Path, compute: Any, *args: Any) -> Any:
+    """`compute(*args)`, saved to `path` the first time and read back after (a rerun of compare skips finished probes)."""
+    if path.exists():
+        return read_json(path, None)
+    result = compute(*args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    return result
+
+
+# --- the budget -----------------------------------------------------------------------------------
+
+
+def budget_spec(cfg: MaecliConfig) -> dict[str, Any]:
+    cc = cfg.compare
+    if cc.budget:
+        return {"field": "budget", "value": cc.budget, "text": f"{cc.budget} of {cfg.project.device} time per method"}
+    if cc.budget_flops:
+        return {"field": "budget_flops", "value": cc.budget_flops, "text": f"{cc.budget_flops:.3g} FLOPs per method"}
+    return {"field": "budget_steps", "value": cc.budget_steps, "text": f"{cc.budget_steps} steps of {cc.methods[0]} (its FLOPs per method)"}
+
+
+def load_plan(cfg: MaecliConfig, folder: Path, device: torch.device) -> dict[str, Any]:
+    """The steps each method gets, from plan.json when this comparison was planned before (a rerun continues it), else
+    from the budget (measuring step times for a time budget) and written there."""
+    cc, spec = cfg.compare, budget_spec(cfg)
+    plan = read_json(folder / "plan.json", None)
+    if plan is not None:
+        if plan["budget"] != spec or list(plan["methods"]) != cc.methods or plan["batch"] != cfg.pretrain.batch_size * cfg.pretrain.accum_iter:
+            raise ConfigError(f"compare.{spec['field']}: {folder} was planned for {plan['budget']['text']}, methods {list(plan['methods'])}, batch "
+                              f"{plan['batch']} ({folder / 'plan.json'}); use --restart to plan again, or another compare.run")
+        return plan
+    batch = cfg.pretrain.batch_size * cfg.pretrain.accum_iter  # images per optimizer step
+    flops = {name: method_of(cfg, name).flops_per_image() * batch for name in cc.methods}
+    seconds = {name: t * cfg.pretrain.accum_iter for name, t in measure_steps(cfg, device).items()} if cc.budget else None
+    methods = {}
+    for name in cc.methods:
+        if cc.budget:
+            steps = math.floor(cc.budget_seconds / seconds[name])
+        elif cc.budget_flops:
+            steps = math.floor(cc.budget_flops / flops[name])
+        else:
+            steps = math.floor(cc.budget_steps * flops[cc.methods[0]] / flops[name])
+        if steps < EIGHTHS:
+            raise ConfigError(f"compare.{spec['field']}: {spec['value']} buys {steps} steps of {name} ({flops[name]:.3g} FLOPs"
+                              + (f", {seconds[name]:.3g} s" if seconds else "") + f" per step at batch {batch}); compare needs at least "
+                              f"{EIGHTHS}, one per eighth of the budget")
+        steps -= steps % EIGHTHS
+        methods[name] = dict(steps=steps, flops_per_step=flops[name], step_seconds=seconds[name] if seconds else None)
+    plan = dict(budget=spec, batch=batch, device=str(device), methods=methods, step_times_measured=seconds is not None)
+    write_json(folder / "plan.json", plan)
+    return plan
+
+
+def measure_steps(cfg: MaecliConfig, device: torch.device, steps: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Seconds per micro-step of each method (median, interleaved across methods after `warmup` steps): the forward,
+    backward and AdamW step of `pretrain`, with the method's augmentations, on the store's first frames."""
+    store = FrameStore(cfg.extract.store, split="train")
+    batch = cfg.pretrain.batch_size
+    if len(store) < batch:
+        raise ConfigError(f"pretrain.batch_size: the train split of {cfg.extract.store} has {len(store)} frames, fewer than one step needs ({batch})")
+    frames = torch.from_numpy(store.get_batch(np.arange(batch))).to(device)  # (B, H, W, 3) uint8
+    fns = {name: step_fn(cfg, name, frames, device) for name in cfg.compare.methods}
+    times = interleaved(fns, steps, warmup, device)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def step_fn(cfg: MaecliConfig, name: str, frames: torch.Tensor, device: torch.device) -> Any:
+    """One `pretrain` step of method `name` on fixed frames and draws, as a function to time."""
+    method = method_of(cfg, name)
+    torch.manual_seed(cfg.project.seed)
+    raw = method.build().to(device)
+    model = torch.compile(raw) if compiles(cfg.pretrain.compile, device) else raw
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg.pretrain.weight_decay), lr=1e-6, betas=(0.9, 0.95), fused=True)
+    draws = [torch.from_numpy(a).to(device) for a in method.draw(np.random.default_rng(cfg.project.seed), len(frames), tuple(frames.shape[1:3]))]
+    autocast = autocast_for(device)
+
+    def step() -> None:
+        inputs = method.inputs(frames, *draws)
+        with autocast:
+            loss = method.loss(model, *inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step

@@ -1,0 +1,96 @@
+"""`maecli compare` end to end on a tiny model and a generated store: the plan a budget buys, the probed fractions,
+the floors, fine-tuning, resuming, and the one-line errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maecli.cli import app
+from maecli.config import load_config
+from maecli.methods import method_of
+from tests.conftest import write_project
+
+
+def labeled(folder):
+    """Three colour classes of noisy 32x32 stills, ten each."""
+    rng = np.random.default_rng(0)
+    for k, colour in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30)]):
+        (folder / f"c{k}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.clip(np.array(colour) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)).save(folder / f"c{k}" / f"{i}.png")
+    return folder
+
+
+def compare_project(folder, store, **probe):
+    return write_project(folder, store, pretrain={"log_every": 4}, simclr={"proj_hidden": 64, "proj_dim": 16},
+                         probe={"train": str(labeled(folder / "labels")), "epochs": 5, **probe}, finetune={"batch_size": 8})
+
+
+def compare(runner, config, *args):
+    result = runner.invoke(app, ["compare", "-c", str(config), "--json", *args])
+    return result, (json.loads(result.stdout) if result.exit_code == 0 else None)
+
+
+def test_compare_trains_probes_and_finetunes_each_method_under_one_budget(runner, tmp_path, store):
+    config = compare_project(tmp_path, store)
+    result, report = compare(runner, config, "--budget-steps", "64", "--finetune-epochs", "1")
+    assert result.exit_code == 0, result.output
+    cfg = load_config(config)
+    flops = {m: method_of(cfg, m).flops_per_image() * 8 for m in ("mae", "simclr")}  # per step at batch 8
+    simclr_steps = math.floor(64 * flops["mae"] / flops["simclr"]) // 8 * 8  # the same FLOPs, in whole eighths
+    assert [report["methods"][m]["steps"] for m in ("mae", "simclr")] == [64, simclr_steps] and simclr_steps >= 8
+    for name, m in report["methods"].items():
+        assert m["flops"] == m["steps"] * flops[name] <= 64 * flops["mae"] and m["images_seen"] == 8 * m["steps"]
+        assert [p["step"] for p in m["points"]] == [m["steps"] // 8, m["steps"] // 4, m["steps"] // 2, m["steps"]]
+        for p in m["points"]:
+            assert (tmp_path / "runs" / "compare" / name / "checkpoints" / f"step-{p['step']:08d}.safetensors").exists()
+            assert 0 <= p["linear"] <= 1 and 0 <= p["knn"] <= 1
+        assert 0 <= m["finetuned"] <= 1 and m["train_seconds"] > 0 and m["step_seconds"] is None
+    assert set(report["floors"]) == {"random init", "raw pixels"} and report["floors"]["random init"]["finetuned"] is not None
+    for name in ("mae", "simclr"):  # fine-tuned for --finetune-epochs, with [finetune]'s recipe otherwise
+        assert json.loads((tmp_path / "runs" / "compare" / name / "finetune" / "report.json").read_text())["recipe"]["epochs"] == 1
+    assert report["floors"]["raw pixels"]["linear"] > 0.5  # colours: the pixels separate them
+    assert (tmp_path / "runs" / "compare" / "compare.png").stat().st_size > 0
+    assert json.loads((tmp_path / "runs" / "compare" / "compare.json").read_text()) == report
+    summary = json.loads((tmp_path / "runs" / "compare" / "simclr" / "summary.json").read_text())
+    assert summary["method"] == "simclr" and summary["steps"] == simclr_steps
+
+    # a rerun trains and probes nothing again and reports the same; another budget is refused, --restart replans
+    again, same = compare(runner, config, "--budget-steps", "64", "--finetune-epochs", "1")
+    assert again.exit_code == 0 and {**same, "notes": []} == {**report, "notes": []}
+    assert f"mae: resumed from step 64 ({tmp_path / 'runs' / 'compare' / 'mae' / 'checkpoints' / 'step-00000064.safetensors'})" in same["notes"]
+    other = runner.invoke(app, ["compare", "-c", str(config), "--budget-steps", "128"])
+    assert other.exit_code == 2
+    assert other.stderr == (f"compare.budget_steps: {tmp_path / 'runs' / 'compare'} was planned for 64 steps of mae (its FLOPs per method), "
+                            f"methods ['mae', 'simclr'], batch 8 ({tmp_path / 'runs' / 'compare' / 'plan.json'}); use --restart to plan again, "
+                            "or another compare.run\n")
+
+
+def test_a_time_budget_is_turned_into_steps_from_measured_step_times(runner, tmp_path, store):
+    result, report = compare(runner, compare_project(tmp_path, store), "--budget", "1s", "--method", "mae")
+    assert result.exit_code == 0, result.output
+    m = report["methods"]["mae"]
+    assert list(report["methods"]) == ["mae"] and report["step_times_measured"] and m["step_seconds"] > 0
+    assert m["steps"] % 8 == 0 and m["steps"] * m["step_seconds"] <= 1.0 < (m["steps"] + 8) * m["step_seconds"]
+    assert report["budget"]["text"] == "1s of cpu time per method"
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--budget-steps", "4"], "compare.budget_steps: 4 buys 4 steps of mae ("),
+    (["--budget-steps", "9"], "compare.budget_steps: 9 buys {simclr} steps of simclr ("),
+    (["--budget-steps", "64", "--method", "mae", "--method", "byol"], "--set: compare.methods.1: must be one of 'mae' or 'simclr' (got \"byol\")"),
+    (["--budget", "ten minutes"], "--set: compare.budget: expected a duration like 90s, 20m or 2h (got \"ten minutes\")"),
+    ([], "compare.budget: no budget given (--budget 20m, --budget-flops 1e15 or --budget-steps 500)"),
+    (["--budget-steps", "64", "--set", "probe.train="], "probe.train: no labeled images given (a folder with one sub-folder per class)"),
+])  # fmt: skip
+def test_bad_compare_input_is_one_line_naming_the_field(runner, tmp_path, store, args, error):
+    config = compare_project(tmp_path, store)
+    cfg = load_config(config)
+    simclr = math.floor(9 * method_of(cfg, "mae").flops_per_image() / method_of(cfg, "simclr").flops_per_image())
+    result = runner.invoke(app, ["compare", "-c", str(config), *args])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+    assert result.stderr.startswith(error.format(simclr=simclr))
+    assert not (tmp_path / "runs" / "compare" / "mae").exists()  # nothing trained
