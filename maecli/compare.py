@@ -64,9 +64,9 @@ def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | 
         val = load_images(val_items, cfg.model.img_size, notes)
         floors = {name: cached(folder / f"probe-{name.replace(' ', '-')}.json", probe_encoder, encoder, train, val, classes, cfg, device)
                   for name, encoder in (("random init", random_encoder(arch, cfg.project.seed)), ("raw pixels", None))}
+        configs = {name: method_config(cfg, name, plan["methods"][name]["steps"]) for name in cc.methods}
         methods = {}
-        for name in cc.methods:
-            m_cfg = method_config(cfg, name, plan["methods"][name]["steps"])
+        for name, m_cfg in configs.items():
             summary = pretrain(m_cfg, console=console)
             notes += [f"{name}: {note}" for note in summary["notes"]]
             progress = read_json(folder / name / "compare-progress.json", {"train_seconds": 0.0})
@@ -85,8 +85,7 @@ def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | 
                                  train_seconds=round(progress["train_seconds"], 1), run_dir=str(m_cfg.run_dir), points=points)
         if cc.finetune_epochs:
             for i, name in enumerate(cc.methods):
-                m_cfg = method_config(cfg, name, plan["methods"][name]["steps"])
-                m_cfg = m_cfg.model_copy(update=dict(finetune=cfg.finetune.model_copy(update=dict(epochs=cc.finetune_epochs))))
+                m_cfg = configs[name].model_copy(update=dict(finetune=cfg.finetune.model_copy(update=dict(epochs=cc.finetune_epochs))))
                 tuned = run_finetune(m_cfg, checkpoint=methods[name]["points"][-1]["checkpoint"], baselines=("random",) if i == 0 else (),
                                      console=console)
                 methods[name]["finetuned"] = tuned["results"]["pretrained"]["top1"]
