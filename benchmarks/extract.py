@@ -82,13 +82,14 @@ def training_consumption() -> tuple[float, float]:
     import torch
 
     from maecli.bench import interleaved, train_step_fn
-    from maecli.methods import analytic_flops
-    from maecli.model import MaskedAutoencoder
+    from maecli.config import validate_config
+    from maecli.methods import method_of
 
-    arch = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0)
-    step = train_step_fn(MaskedAutoencoder(**arch), torch.randn(8, 3, 224, 224), 0.75)
+    mae = method_of(validate_config({"model": {"preset": "vit_base"}}, root=Path.cwd(), source="benchmark"), "mae")  # ViT-B/16 at 224
+    frames = torch.randint(0, 256, (8, 224, 224, 3), dtype=torch.uint8)
+    step = train_step_fn(mae.build(), mae, frames)
     times = interleaved({"step": step}, 3, 1, torch.device("cpu"))["step"]
-    return 8 / statistics.median(times), analytic_flops(arch, 0.75)
+    return 8 / statistics.median(times), mae.flops_per_image()
 
 
 def main() -> None:

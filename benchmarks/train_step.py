@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--sizes tiny base] [--videos ../shared/data/driving_video]
 
-For each size, three full training steps (forward, backward, fused AdamW) on the same batch:
+For each size, three `maecli pretrain` steps (augmentation, forward, backward, fused AdamW) on the same frames:
   maecli            MaskedAutoencoder at mask ratio 0.75 (encoder on the visible 25% only)
   hf                transformers' ViTMAEForPreTraining, same sizes, same optimizer
   maecli w/ [M]     the same model with mask tokens through the encoder (the paper's baseline)
@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from maecli.bench import MaskTokensInEncoder, device_peak, interleaved, matmul_peak, train_step_fn  # noqa: E402
-from maecli.methods import analytic_flops  # noqa: E402
-from maecli.model import MaskedAutoencoder  # noqa: E402
+from maecli.config import validate_config  # noqa: E402
+from maecli.methods import MAE, analytic_flops  # noqa: E402
 
 SIZES = {
     "tiny": (dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0), [8, 64], 3, 10),
@@ -43,16 +43,25 @@ def hf_model(arch: dict) -> torch.nn.Module:
     return ViTMAEForPreTraining(cfg).train()
 
 
+class HFMAE(MAE):
+    """MAE's draws and inputs, Hugging Face's forward: given the same noise, ViTMAE removes the same patches."""
+
+    def loss(self, model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=imgs, noise=noise).loss
+
+
 def bench_size(name: str, device: torch.device, peak: float, batches: list[int] | None, compile: bool) -> list[str]:
     arch, default_batches, warmup, steps = SIZES[name]
     lines = []
     for batch in batches or default_batches:
         torch.manual_seed(0)
-        imgs = torch.randn(batch, 3, arch["img_size"], arch["img_size"], device=device)
+        cfg = validate_config({"model": {"preset": "vit_base", **arch}}, root=Path.cwd(), source="benchmark")
+        mae, hf = MAE(cfg), HFMAE(cfg)
+        frames = torch.randint(0, 256, (batch, arch["img_size"], arch["img_size"], 3), dtype=torch.uint8, device=device)
         fns = {
-            "maecli": train_step_fn(MaskedAutoencoder(**arch).to(device), imgs, 0.75, compile=compile),
-            "hf": train_step_fn(hf_model(arch).to(device), imgs, 0.75, hf=True, compile=compile),
-            "maecli w/ [M]": train_step_fn(MaskTokensInEncoder(MaskedAutoencoder(**arch)).to(device), imgs, 0.75, compile=compile),
+            "maecli": train_step_fn(mae.build().to(device), mae, frames, compile=compile),
+            "hf": train_step_fn(hf_model(arch).to(device), hf, frames, compile=compile),
+            "maecli w/ [M]": train_step_fn(MaskTokensInEncoder(mae.build()).to(device), mae, frames, compile=compile),
         }
         times = interleaved(fns, steps, warmup, device)
         med = {k: statistics.median(v) for k, v in times.items()}

@@ -1,6 +1,7 @@
-"""`maecli bench`: what a training step costs, measured. Analytic FLOPs (`maecli.methods`); the paper's "mask tokens
-through the encoder" baseline; the SimCLR step that `pretrain` trains (`maecli.simclr`: two views, NT-Xent) on the
-same encoder; a matmul peak; interleaved timing (A, B, C, A, B, C, ...) so ratios hold on a noisy machine."""
+"""`maecli bench`: what a training step costs, measured. The step is `pretrain`'s, for any method of `maecli.methods`
+(MAE, SimCLR: augmentation on the device, forward, backward, AdamW), and the paper's "mask tokens through the encoder"
+baseline runs through MAE's; analytic FLOPs; a matmul peak; interleaved timing (A, B, C, A, B, C, ...) so ratios hold
+on a noisy machine. `compare` and `benchmarks/` time their steps with the same function."""
 
 import re
 import statistics
@@ -13,13 +14,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from maecli.config import ModelConfig, SimclrConfig, apply_overrides, load_config, validate_config
-from maecli.data import augment
+from maecli.config import MaecliConfig, apply_overrides, load_config, validate_config
 from maecli.device import autocast_for, compiles, pick_device
 from maecli.errors import ConfigError
-from maecli.methods import analytic_flops, contrastive_flops
+from maecli.loop import param_groups
+from maecli.methods import Method, analytic_flops, method_of
 from maecli.model import MaskedAutoencoder, to_2tuple
-from maecli.simclr import SimCLR, draw_views, two_views
 
 
 class MaskTokensInEncoder(nn.Module):
@@ -48,29 +48,25 @@ class MaskTokensInEncoder(nn.Module):
         return m.forward_loss(imgs, pred, mask), pred, mask
 
 
-def simclr_views(frames: torch.Tensor, out_hw: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two views of uint8 frames (N, H, W, 3) with [simclr]'s default augmentations, on their device."""
-    draws = draw_views(np.random.default_rng(seed), len(frames), tuple(frames.shape[1:3]), out_hw, SimclrConfig())
-    return two_views(frames, *(torch.from_numpy(a) for a in draws), out_hw)
-
-
-def train_step_fn(model: nn.Module, imgs: torch.Tensor, mask_ratio: float, *, hf: bool = False,
-                  views: tuple[torch.Tensor, torch.Tensor] | None = None, compile: bool = False) -> Callable[[], None]:
-    """One full training step (forward, backward, fused AdamW step) on a fixed batch; `views` for a SimCLR model;
-    `compile`: the model through torch.compile, as `maecli pretrain` runs it."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), fused=True)
-    model = torch.compile(model) if compile else model
-    autocast = autocast_for(imgs.device)
+def train_step_fn(model: nn.Module, method: Method, frames: torch.Tensor, *, seed: int = 0, weight_decay: float = 0.05,
+                  compile: bool = False) -> Callable[[], None]:
+    """One `pretrain` step of `method` on fixed uint8 frames (B, H, W, 3) and one fixed draw of its randomness, as a
+    function to time: augmentation on the frames' device, forward under autocast, backward, fused AdamW with
+    pretrain's parameter groups. `model` may be any module the method's loss can call (a baseline, Hugging Face's
+    ViTMAE); `compile`: through torch.compile, as `maecli pretrain` runs it."""
+    device = frames.device
+    draws = [torch.from_numpy(a).to(device) for a in method.draw(np.random.default_rng(seed), len(frames), tuple(frames.shape[1:3]))]
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=1e-6, betas=(0.9, 0.95), fused=True)
+    compiled = torch.compile(model) if compile else model
+    autocast = autocast_for(device)
 
     def step() -> None:
+        inputs = method.inputs(frames, *draws)
         with autocast:
-            if views is not None:
-                loss = model(*views)
-            else:
-                loss = model(pixel_values=imgs).loss if hf else model(imgs, mask_ratio=mask_ratio)[0]
+            loss = method.loss(compiled, *inputs)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     return step
 
@@ -126,9 +122,9 @@ def matmul_peak(device: torch.device, reps: int = 10) -> tuple[float, str]:
 
 
 def bench_setup(config: Path, overrides: list[str], *, model: str | None, patch: int | None, img: str | None,
-                device: str) -> tuple[ModelConfig, torch.device]:
+                device: str) -> tuple[MaecliConfig, torch.device]:
     """What `maecli bench` measures: the model (a preset with --patch/--img, else the project's [model]; --set applies
-    on top) and the device."""
+    on top) with the project's (or the default) [pretrain] and [simclr] settings, and the device."""
     dev = pick_device(device, field="--device")
     if model is not None:
         try:
@@ -137,42 +133,38 @@ def bench_setup(config: Path, overrides: list[str], *, model: str | None, patch:
             raise ConfigError(f"--img: expected a size like 224 or 128x256 (got {img!r})") from None
         data = {"model": {"preset": model, "patch_size": patch or 16, "img_size": size[0] if len(size) == 1 else size}}
         overridden = apply_overrides(data, overrides)  # --set model.decoder_depth=1 and friends apply on top
-        mc = validate_config(data, root=Path.cwd(), source="--model/--patch/--img", overridden=overridden).model
-    elif Path(config).exists() or overrides:
-        mc = load_config(config, overrides).model
-    else:
-        raise ConfigError(f"{config}: file not found (give --model, e.g. --model vit_base --patch 16 --img 224, or a project file)")
-    return mc, dev
+        return validate_config(data, root=Path.cwd(), source="--model/--patch/--img", overridden=overridden), dev
+    if Path(config).exists() or overrides:
+        return load_config(config, overrides), dev
+    raise ConfigError(f"{config}: file not found (give --model, e.g. --model vit_base --patch 16 --img 224, or a project file)")
 
 
-def run_bench(arch: dict[str, Any], *, batch: int, steps: int, warmup: int, mask_ratio: float, decoder_depths: list[int],
-              device: torch.device, peak_tflops: float | None = None, compile: bool | None = None, profile: Path | None = None,
-              seed: int = 0) -> dict[str, Any]:
-    """MAE, MAE with mask tokens in the encoder, and a two-view SimCLR step on the same encoder, timed interleaved.
+def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder_depths: list[int], device: torch.device,
+              peak_tflops: float | None = None, compile: bool | None = None, profile: Path | None = None) -> dict[str, Any]:
+    """The `pretrain` step of MAE, of MAE with mask tokens in the encoder, and of SimCLR (two views) on the same
+    encoder, for [model] with [pretrain]'s and [simclr]'s settings, timed interleaved on the same frames.
 
     `decoder_depths` adds MAE and w/ [M] pairs with other decoder depths. Every variant is compiled when `compile`
-    is true (None: as `maecli pretrain` would, on CUDA). Returns every variant's step times and derived numbers (MFU
-    against the device's spec peak, and the share of a measured matmul peak), the speed-ups of MAE over the
-    baselines with the analytic FLOP ratios beside them, and with `profile` a trace of each variant in that folder.
+    is true (None: as `pretrain.compile` says). Returns every variant's step times and derived numbers (MFU against
+    the device's spec peak, and the share of a measured matmul peak), the speed-ups of MAE over the baselines with
+    the analytic FLOP ratios beside them, and with `profile` a trace of each variant in that folder.
     """
-    compile = compiles(compile, device)
+    arch, mask_ratio, seed, wd = cfg.model.mae_kwargs, cfg.model.mask_ratio, cfg.project.seed, cfg.pretrain.weight_decay
+    compile = compiles(cfg.pretrain.compile if compile is None else compile, device)
     peak, peak_source = device_peak(device, peak_tflops)
     matmul, matmul_source = matmul_peak(device)
     torch.manual_seed(seed)
-    h, w = to_2tuple(arch["img_size"])
-    frames = torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device)  # stand-in frames at the input size
-    imgs = augment(frames, torch.eye(2, 3).expand(batch, 2, 3), (h, w))
+    frames = torch.randint(0, 256, (batch, *to_2tuple(arch["img_size"]), 3), dtype=torch.uint8, device=device)  # stand-ins at the input size
     fns, flops = {}, {}
     for depth in [arch["decoder_depth"], *[d for d in decoder_depths if d != arch["decoder_depth"]]]:
         tag = "" if depth == arch["decoder_depth"] else f", decoder depth {depth}"
-        a = {**arch, "decoder_depth": depth}
-        fns[f"mae{tag}"] = train_step_fn(MaskedAutoencoder(**a).to(device), imgs, mask_ratio, compile=compile)
-        fns[f"mae w/ [M]{tag}"] = train_step_fn(MaskTokensInEncoder(MaskedAutoencoder(**a)).to(device), imgs, mask_ratio, compile=compile)
-        flops[f"mae{tag}"], flops[f"mae w/ [M]{tag}"] = analytic_flops(a, mask_ratio), analytic_flops(a, mask_ratio, True)
-    sc = SimclrConfig()
-    simclr = SimCLR(**arch, proj_hidden=sc.proj_hidden, proj_dim=sc.proj_dim, temperature=sc.temperature).to(device)
-    fns["contrastive (2 views)"] = train_step_fn(simclr, imgs, mask_ratio, views=simclr_views(frames, (h, w), seed), compile=compile)
-    flops["contrastive (2 views)"] = contrastive_flops(arch, sc.proj_hidden, sc.proj_dim)
+        mae = method_of(cfg.model_copy(update=dict(model=cfg.model.model_copy(update=dict(decoder_depth=depth)))), "mae")
+        fns[f"mae{tag}"] = train_step_fn(mae.build().to(device), mae, frames, seed=seed, weight_decay=wd, compile=compile)
+        fns[f"mae w/ [M]{tag}"] = train_step_fn(MaskTokensInEncoder(mae.build()).to(device), mae, frames, seed=seed, weight_decay=wd, compile=compile)
+        flops[f"mae{tag}"], flops[f"mae w/ [M]{tag}"] = mae.flops_per_image(), analytic_flops(mae.arch, mask_ratio, True)
+    simclr = method_of(cfg, "simclr")
+    fns["contrastive (2 views)"] = train_step_fn(simclr.build().to(device), simclr, frames, seed=seed, weight_decay=wd, compile=compile)
+    flops["contrastive (2 views)"] = simclr.flops_per_image()
 
     peak_mem = {}
     for name, fn in fns.items():  # one step alone per variant for its peak memory (CUDA only)
@@ -191,8 +183,9 @@ def run_bench(arch: dict[str, Any], *, batch: int, steps: int, warmup: int, mask
     speedups = {}
     for name in variants:
         if name.startswith("mae w/ [M]"):
-            mae = "mae" + name.removeprefix("mae w/ [M]")
-            speedups[f"{mae} vs {name}"] = dict(measured=variants[name]["step_s_median"] / variants[mae]["step_s_median"], analytic=flops[name] / flops[mae])
+            mae_name = "mae" + name.removeprefix("mae w/ [M]")
+            speedups[f"{mae_name} vs {name}"] = dict(measured=variants[name]["step_s_median"] / variants[mae_name]["step_s_median"],
+                                                     analytic=flops[name] / flops[mae_name])
     speedups["mae vs contrastive (2 views)"] = dict(measured=variants["contrastive (2 views)"]["step_s_median"] / variants["mae"]["step_s_median"],
                                                     analytic=flops["contrastive (2 views)"] / flops["mae"])
     if profile is not None:

@@ -495,9 +495,9 @@ def bench(
     from maecli.bench import bench_setup, run_bench
     from maecli.figures import plot_bench
 
-    mc, dev = bench_setup(config, set_ or [], model=model, patch=patch, img=img, device=device)
-    result = run_bench(mc.mae_kwargs, batch=batch, steps=steps, warmup=warmup, mask_ratio=mc.mask_ratio, decoder_depths=decoder_depth or [],
-                       device=dev, peak_tflops=peak_tflops, compile=compile, profile=profile)
+    cfg, dev = bench_setup(config, set_ or [], model=model, patch=patch, img=img, device=device)
+    result = run_bench(cfg, batch=batch, steps=steps, warmup=warmup, decoder_depths=decoder_depth or [], device=dev, peak_tflops=peak_tflops,
+                       compile=compile, profile=profile)
     if plot is not None:
         plot_bench(result, plot)
         result["plot"] = str(plot)

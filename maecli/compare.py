@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from maecli.bench import interleaved
+from maecli.bench import interleaved, train_step_fn
 from maecli.checkpoint import checkpoint_files, load_model
 from maecli.config import MaecliConfig
-from maecli.device import autocast_for, compiles, pick_device
+from maecli.data import Plan
+from maecli.device import compiles, pick_device
 from maecli.errors import ConfigError
 from maecli.figures import plot_compare
 from maecli.files import owned, read_json, write_json
 from maecli.labeled import labeled_split, load_images
-from maecli.loop import param_groups
 from maecli.methods import method_of
 from maecli.inference import random_encoder
 from maecli.probe import probe_encoder
@@ -166,32 +166,17 @@ def load_plan(cfg: MaecliConfig, folder: Path, device: torch.device) -> dict[str
 def measure_steps(cfg: MaecliConfig, device: torch.device, steps: int = 5, warmup: int = 2) -> dict[str, float]:
     """Seconds per micro-step of each method (median, interleaved across methods after `warmup` steps): the forward,
     backward and AdamW step of `pretrain`, with the method's augmentations, on the store's first frames."""
+    from maecli.train import Schedule
+
     store = FrameStore(cfg.extract.store, split="train")
-    batch = cfg.pretrain.batch_size
-    if len(store) < batch:
-        raise ConfigError(f"pretrain.batch_size: the train split of {cfg.extract.store} has {len(store)} frames, fewer than one step needs ({batch})")
-    frames = torch.from_numpy(store.get_batch(np.arange(batch))).to(device)  # (B, H, W, 3) uint8
-    fns = {name: step_fn(cfg, name, frames, device) for name in cfg.compare.methods}
+    # the run's own check first: a store smaller than one step's batch is refused as `pretrain` refuses it
+    Schedule.of(cfg, Plan(num_frames=len(store), batch_size=cfg.pretrain.batch_size, world_size=1, rank=0, seed=cfg.project.seed))
+    frames = torch.from_numpy(store.get_batch(np.arange(cfg.pretrain.batch_size))).to(device)  # (B, H, W, 3) uint8
+    fns = {}
+    for name in cfg.compare.methods:
+        method = method_of(cfg, name)
+        torch.manual_seed(cfg.project.seed)
+        fns[name] = train_step_fn(method.build().to(device), method, frames, seed=cfg.project.seed, weight_decay=cfg.pretrain.weight_decay,
+                                  compile=compiles(cfg.pretrain.compile, device))
     times = interleaved(fns, steps, warmup, device)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def step_fn(cfg: MaecliConfig, name: str, frames: torch.Tensor, device: torch.device) -> Any:
-    """One `pretrain` step of method `name` on fixed frames and draws, as a function to time."""
-    method = method_of(cfg, name)
-    torch.manual_seed(cfg.project.seed)
-    raw = method.build().to(device)
-    model = torch.compile(raw) if compiles(cfg.pretrain.compile, device) else raw
-    optimizer = torch.optim.AdamW(param_groups(raw, cfg.pretrain.weight_decay), lr=1e-6, betas=(0.9, 0.95), fused=True)
-    draws = [torch.from_numpy(a).to(device) for a in method.draw(np.random.default_rng(cfg.project.seed), len(frames), tuple(frames.shape[1:3]))]
-    autocast = autocast_for(device)
-
-    def step() -> None:
-        inputs = method.inputs(frames, *draws)
-        with autocast:
-            loss = method.loss(model, *inputs)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step

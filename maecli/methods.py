@@ -107,7 +107,10 @@ class Contrastive:
         return contrastive_flops(self.arch, self.sc.proj_hidden, self.sc.proj_dim)
 
 
-def method_of(cfg: MaecliConfig, name: str | None = None) -> MAE | Contrastive:
+Method = MAE | Contrastive
+
+
+def method_of(cfg: MaecliConfig, name: str | None = None) -> Method:
     """The method `name` (default: `pretrain.method`) with the project's settings."""
     name = name or cfg.pretrain.method
     assert name in METHODS, f"method must be one of {METHODS}, got {name!r}"

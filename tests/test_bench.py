@@ -1,5 +1,6 @@
 """The measuring tools behind the benchmarks: analytic FLOPs and the "mask tokens in the encoder" baseline."""
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,13 +42,14 @@ def test_mask_tokens_baseline_trains_every_parameter_on_the_same_mask():
 
 @pytest.mark.parametrize("arch", [TINY, BASE], ids=["tiny", "base"])
 def test_contrastive_flops_match_torch_counter(arch):
-    from maecli.bench import simclr_views
+    from maecli.config import SimclrConfig
     from maecli.methods import contrastive_flops
-    from maecli.simclr import SimCLR
+    from maecli.simclr import SimCLR, draw_views, two_views
 
     model = SimCLR(**arch, proj_hidden=64, proj_dim=16)
     h, w = model.img_size
-    v1, v2 = simclr_views(torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8), (h, w), 0)
+    draws = draw_views(np.random.default_rng(0), 2, (h, w), (h, w), SimclrConfig())
+    v1, v2 = two_views(torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8), *(torch.from_numpy(a) for a in draws), (h, w))
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
         model(v1, v2).backward()
