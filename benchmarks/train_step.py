@@ -50,7 +50,7 @@ class HFMAE(MAE):
         return model(pixel_values=imgs, noise=noise).loss
 
 
-def bench_size(name: str, device: torch.device, peak: float, batches: list[int] | None, compile: bool) -> list[str]:
+def bench_size(name: str, device: torch.device, peak: float, batches: list[int] | None, compile: str | None) -> list[str]:
     arch, default_batches, warmup, steps = SIZES[name]
     lines = []
     for batch in batches or default_batches:
@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--batch", type=int, nargs="+", help="Batch sizes (default: 8 and 64 for tiny, 8 for base).")
     ap.add_argument("--compile", action="store_true", help="torch.compile every variant (what maecli pretrain does on CUDA).")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile's mode with --compile (pretrain.compile_mode).")
     ap.add_argument("--peak-tflops", type=float, help="Rate against this peak instead of the device's spec (maecli.bench.DENSE_BF16_TFLOPS).")
     ap.add_argument("--videos", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "driving_video")
     args = ap.parse_args()
@@ -113,7 +114,7 @@ def main() -> None:
     print("| size | batch | variant       | step (ms) | min-max (ms)    | images/s | GFLOP/img | GFLOP/s | of peak |")
     print("|------|------:|---------------|----------:|-----------------|---------:|----------:|--------:|--------:|")
     for name in args.sizes:
-        for line in bench_size(name, device, peak, args.batch, args.compile):
+        for line in bench_size(name, device, peak, args.batch, args.compile_mode if args.compile else None):
             print(line, flush=True)
     if args.videos.is_dir():
         print(bench_pretrain(args.videos))

@@ -49,15 +49,16 @@ class MaskTokensInEncoder(nn.Module):
 
 
 def train_step_fn(model: nn.Module, method: Method, frames: torch.Tensor, *, seed: int = 0, weight_decay: float = 0.05,
-                  compile: bool = False) -> Callable[[], None]:
+                  compile: str | None = None) -> Callable[[], None]:
     """One `pretrain` step of `method` on fixed uint8 frames (B, H, W, 3) and one fixed draw of its randomness, as a
     function to time: augmentation on the frames' device, forward under autocast, backward, fused AdamW with
     pretrain's parameter groups. `model` may be any module the method's loss can call (a baseline, Hugging Face's
-    ViTMAE); `compile`: through torch.compile, as `maecli pretrain` runs it."""
+    ViTMAE); `compile`: torch.compile's mode ("default", "max-autotune", ...), as `maecli pretrain` runs it, or None
+    for eager."""
     device = frames.device
     draws = [torch.from_numpy(a).to(device) for a in method.draw(np.random.default_rng(seed), len(frames), tuple(frames.shape[1:3]))]
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=1e-6, betas=(0.9, 0.95), fused=True)
-    compiled = torch.compile(model) if compile else model
+    compiled = torch.compile(model, mode=compile) if compile else model
     autocast = autocast_for(device)
 
     def step() -> None:
@@ -144,13 +145,15 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
     """The `pretrain` step of MAE, of MAE with mask tokens in the encoder, and of SimCLR (two views) on the same
     encoder, for [model] with [pretrain]'s and [simclr]'s settings, timed interleaved on the same frames.
 
-    `decoder_depths` adds MAE and w/ [M] pairs with other decoder depths. Every variant is compiled when `compile`
-    is true (None: as `pretrain.compile` says). Returns every variant's step times and derived numbers (MFU against
-    the device's spec peak, and the share of a measured matmul peak), the speed-ups of MAE over the baselines with
-    the analytic FLOP ratios beside them, and with `profile` a trace of each variant in that folder.
+    `decoder_depths` adds MAE and w/ [M] pairs with other decoder depths. Every variant is compiled (in
+    `pretrain.compile_mode`) when `compile` is true (None: as `pretrain.compile` says). Returns every variant's step
+    times and derived numbers (MFU against the device's spec peak, and the share of a measured matmul peak), the
+    speed-ups of MAE over the baselines with the analytic FLOP ratios beside them, and with `profile` a trace of
+    each variant in that folder.
     """
     arch, mask_ratio, seed, wd = cfg.model.mae_kwargs, cfg.model.mask_ratio, cfg.project.seed, cfg.pretrain.weight_decay
     compile = compiles(cfg.pretrain.compile if compile is None else compile, device)
+    mode = cfg.pretrain.compile_mode if compile else None
     peak, peak_source = device_peak(device, peak_tflops)
     matmul, matmul_source = matmul_peak(device)
     torch.manual_seed(seed)
@@ -159,11 +162,11 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
     for depth in [arch["decoder_depth"], *[d for d in decoder_depths if d != arch["decoder_depth"]]]:
         tag = "" if depth == arch["decoder_depth"] else f", decoder depth {depth}"
         mae = method_of(cfg.model_copy(update=dict(model=cfg.model.model_copy(update=dict(decoder_depth=depth)))), "mae")
-        fns[f"mae{tag}"] = train_step_fn(mae.build().to(device), mae, frames, seed=seed, weight_decay=wd, compile=compile)
-        fns[f"mae w/ [M]{tag}"] = train_step_fn(MaskTokensInEncoder(mae.build()).to(device), mae, frames, seed=seed, weight_decay=wd, compile=compile)
+        fns[f"mae{tag}"] = train_step_fn(mae.build().to(device), mae, frames, seed=seed, weight_decay=wd, compile=mode)
+        fns[f"mae w/ [M]{tag}"] = train_step_fn(MaskTokensInEncoder(mae.build()).to(device), mae, frames, seed=seed, weight_decay=wd, compile=mode)
         flops[f"mae{tag}"], flops[f"mae w/ [M]{tag}"] = mae.flops_per_image(), analytic_flops(mae.arch, mask_ratio, True)
     simclr = method_of(cfg, "simclr")
-    fns["contrastive (2 views)"] = train_step_fn(simclr.build().to(device), simclr, frames, seed=seed, weight_decay=wd, compile=compile)
+    fns["contrastive (2 views)"] = train_step_fn(simclr.build().to(device), simclr, frames, seed=seed, weight_decay=wd, compile=mode)
     flops["contrastive (2 views)"] = simclr.flops_per_image()
 
     peak_mem = {}
@@ -190,7 +193,7 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
                                                     analytic=flops["contrastive (2 views)"] / flops["mae"])
     if profile is not None:
         profile_steps(fns, Path(profile), device)
-    return dict(arch=arch, batch=batch, mask_ratio=mask_ratio, device=str(device), compiled=compile, steps=steps, warmup=warmup,
+    return dict(arch=arch, batch=batch, mask_ratio=mask_ratio, device=str(device), compiled=compile, compile_mode=mode, steps=steps, warmup=warmup,
                 peak_gflops=peak / 1e9 if peak else None, peak_source=peak_source, matmul_gflops=matmul / 1e9, matmul_source=matmul_source,
                 variants=variants, speedups=speedups, profile=str(profile) if profile is not None else None)
 

@@ -507,7 +507,7 @@ def bench(
     a = result["arch"]
     print_lines([f"training step: ViT {a['embed_dim']} x {a['depth']}, decoder {a['decoder_embed_dim']} x {a['decoder_depth']}, patch {a['patch_size']}, "
                  f"{a['img_size'][0]}x{a['img_size'][1]}, batch {batch}, mask {result['mask_ratio']:g}, {result['device']}"
-                 f"{', compiled' if result['compiled'] else ', eager'}; median of {steps} interleaved steps after {warmup} warm-up"])
+                 f"{', compiled (' + result['compile_mode'] + ')' if result['compiled'] else ', eager'}; median of {steps} interleaved steps after {warmup} warm-up"])
     table = Table()
     for col in ("variant", "ms/step", "range", "img/s", "MiB", "GFLOP/img", "GFLOP/s", "MFU", "of matmul"):
         table.add_column(col, justify="left" if col == "variant" else "right")

@@ -177,6 +177,6 @@ def measure_steps(cfg: MaecliConfig, device: torch.device, steps: int = 5, warmu
         method = method_of(cfg, name)
         torch.manual_seed(cfg.project.seed)
         fns[name] = train_step_fn(method.build().to(device), method, frames, seed=cfg.project.seed, weight_decay=cfg.pretrain.weight_decay,
-                                  compile=compiles(cfg.pretrain.compile, device))
+                                  compile=cfg.pretrain.compile_mode if compiles(cfg.pretrain.compile, device) else None)
     times = interleaved(fns, steps, warmup, device)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -29,6 +29,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
 PresetName = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -196,6 +197,7 @@ class PretrainConfig(Section):
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="MAE's random resized crop: range of the crop's area as a fraction of the frame.")
     hflip: bool = Field(True, description="MAE's random horizontal flips.")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model (auto: on CUDA only; compiling on a CPU rarely pays).")
+    compile_mode: CompileMode = Field("default", description="torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.")
     checkpoint_every: int = Field(1000, gt=0, description="Write a checkpoint and a reconstruction snapshot every this many steps (and at the end).")
     keep_last: int = Field(3, gt=0, description="Checkpoints kept in the run folder (older ones are deleted).")
     log_every: int = Field(20, gt=0, description="Append a metrics line every this many steps.")
@@ -306,6 +308,7 @@ class FinetuneConfig(Section):
     mixup: float = Field(0.0, ge=0, description="Mixup's Beta(alpha, alpha) (0: off).")
     cutmix: float = Field(0.0, ge=0, description="CutMix's Beta(alpha, alpha) (0: off); with mixup too, each step picks one of them.")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model (auto: on CUDA only).")
+    compile_mode: CompileMode = Field("default", description="torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.")
     checkpoint_every: int = Field(1, gt=0, description="Evaluate on val (a point of the learning curves) and write a checkpoint every this many epochs, and at the end.")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept per run (older ones are deleted).")
 

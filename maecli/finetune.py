@@ -45,7 +45,7 @@ from maecli.model import MaskedAutoencoder
 from maecli.vit import classifier, load_snippet, timm_spec
 
 BASELINES = ("random",)
-RESUMABLE = ("checkpoint_every", "keep_last", "compile")  # settings a run may change between resumes
+RESUMABLE = ("checkpoint_every", "keep_last", "compile", "compile_mode")  # settings a run may change between resumes
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     if weights is not None:
         notes.append(f"resumed from step {start} ({weights})")
     compiled = compiles(fc.compile, device)
-    model = for_training(raw, device, world, compiled)
+    model = for_training(raw, device, world, compiled, fc.compile_mode)
     autocast = autocast_for(device)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)  # uint8 (N, h, w, 3), (N,)
     size, C = tuple(train_x.shape[1:3]), len(data.classes)

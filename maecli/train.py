@@ -92,7 +92,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
         dist.barrier()
     start, notes = load_start(cfg, raw, optimizer, device)
     compiled = compiles(pc.compile, device)
-    model = for_training(raw, device, world, compiled)
+    model = for_training(raw, device, world, compiled, pc.compile_mode)
     autocast = autocast_for(device)
     log = RunLog(cfg, start, raw, device) if is_main else None
     loader = Loader(store, plan, start * pc.accum_iter, device, method.draw)
@@ -117,7 +117,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = loss_sum / pc.accum_iter
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), torch.tensor(step, device=device), first_bad)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)  # step: a kernel argument, not a copy
                 done = step + 1
                 at_ckpt = done % pc.checkpoint_every == 0 or done == sched.total or stop["requested"]
                 if done % pc.log_every == 0 or at_ckpt:
@@ -144,7 +144,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
         run_dir=str(cfg.run_dir), method=method.name, steps=sched.total, steps_this_run=sched.total - start, epochs=round(sched.total / sched.steps_per_epoch, 3),
         final_loss=round(log.last_loss, 6), seconds=round(seconds, 2), images_per_s=round((sched.total - start) * sched.batch / seconds, 2),
         data_wait_fraction=round(loader.waited / seconds, 4), effective_batch=sched.batch, lr=sched.lr, device=str(device),
-        precision=precision(device), compiled=compiled, world_size=world,
+        precision=precision(device), compiled=compiled, compile_mode=pc.compile_mode if compiled else None, world_size=world,
         checkpoint=str(checkpoint_files(cfg.run_dir / "checkpoints", sched.total)[0]),
         snapshot=str(log.snapshot_path(sched.total)) if log.snapshots else None, loss_curve=str(cfg.run_dir / "loss.png"), notes=notes,
     ))  # fmt: skip

@@ -246,3 +246,26 @@ def test_wide_model_trains_from_square_frames(runner, tmp_path, store):
     weights = final_weights(tmp_path, 3)
     assert weights["pos_embed"].shape == (1, 1 + 4 * 8, 32)  # 4 x 8 patches
     assert Path(summary["snapshot"]).stat().st_size > 0
+
+
+def test_compiled_run_trains_as_eager_does(runner, tmp_path, store):
+    """The path CUDA takes by default, on this CPU: torch.compile (here in a non-default mode, whose CUDA graphs a CPU
+    skips) trains the same steps as eager, to float32 rounding; a mode torch does not have is one line."""
+    runs = {}
+    for name, settings in (("eager", dict(compile=False)), ("compiled", dict(compile=True, compile_mode="reduce-overhead"))):
+        (tmp_path / name).mkdir()
+        result, summary = pretrain(runner, project(tmp_path / name, store, steps=3, log_every=1, checkpoint_every=3, **settings))
+        assert result.exit_code == 0, result.output
+        losses = [json.loads(line)["loss"] for line in (tmp_path / name / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = summary, losses, final_weights(tmp_path / name, 3)
+    (eager, eager_losses, eager_w), (compiled, compiled_losses, compiled_w) = runs["eager"], runs["compiled"]
+    assert (eager["compiled"], eager["compile_mode"]) == (False, None) and (compiled["compiled"], compiled["compile_mode"]) == (True, "reduce-overhead")
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4) and len(compiled_losses) == 3
+    for k in eager_w:
+        a, b = compiled_w[k], eager_w[k]
+        if k.endswith("attn.qkv.bias"):  # a key bias has a zero gradient (softmax ignores a shift of every key): Adam
+            d = len(a) // 3                 # turns its rounding noise into steps of ~lr, so compare the q and v thirds
+            a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+    result, _ = pretrain(runner, project(tmp_path, store, compile_mode="fast"))
+    assert result.exit_code == 2 and "pretrain.compile_mode" in result.stderr and "reduce-overhead" in result.stderr and "Traceback" not in result.output
