@@ -151,9 +151,7 @@ class MaskedAutoencoder(nn.Module):
         ids_restore = torch.argsort(ids_shuffle, dim=1)  # (N, L)
         ids_keep = ids_shuffle[:, :len_keep]  # (N, K)
         x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (N, K, D)
-        mask = torch.ones(N, L, device=x.device)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, dim=1, index=ids_restore)  # (N, L) back in patch order
+        mask = (ids_restore >= len_keep).float()  # (N, L) in patch order: a patch is removed if its rank is past len_keep
         return x_masked, mask, ids_restore
 
     def forward_encoder(
