@@ -70,12 +70,12 @@ def test_compare_trains_probes_and_finetunes_each_method_under_one_budget(runner
 
 
 def test_a_time_budget_is_turned_into_steps_from_measured_step_times(runner, tmp_path, store):
-    result, report = compare(runner, compare_project(tmp_path, store), "--budget", "1s", "--method", "mae")
+    result, report = compare(runner, compare_project(tmp_path, store), "--budget", "2s", "--method", "mae")  # 8 steps need < 250 ms each
     assert result.exit_code == 0, result.output
     m = report["methods"]["mae"]
     assert list(report["methods"]) == ["mae"] and report["step_times_measured"] and m["step_seconds"] > 0
-    assert m["steps"] % 8 == 0 and m["steps"] * m["step_seconds"] <= 1.0 < (m["steps"] + 8) * m["step_seconds"]
-    assert report["budget"]["text"] == "1s of cpu time per method"
+    assert m["steps"] % 8 == 0 and m["steps"] * m["step_seconds"] <= 2.0 < (m["steps"] + 8) * m["step_seconds"]
+    assert report["budget"]["text"] == "2s of cpu time per method"
 
 
 @pytest.mark.parametrize("args,error", [
