@@ -7,6 +7,7 @@ each rank takes its slice, so one process and N processes see the same global ba
 bit for bit without saved RNG state.
 """
 
+import functools
 import math
 import queue
 import threading
@@ -94,17 +95,23 @@ def center_crop(n: int, frame_hw: tuple[int, int], out_hw: tuple[int, int]) -> t
     return torch.tensor([[sx, 0.0, 0.0], [0.0, sy, 0.0]]).expand(n, 2, 3).contiguous()
 
 
+@functools.cache
+def constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(values)` on `device`, made once per device: copied from the host at every step, a constant would
+    make the host wait for the GPU each time (a synchronizing copy). Shared: never modify it in place."""
+    with torch.inference_mode(False):  # usable by training even when first made under inference mode
+        return torch.tensor(values, device=device)
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """Pixels in [0, 1], (B, 3, H, W) -> ImageNet-normalized model input."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = constant(IMAGENET_MEAN, x.device).view(1, 3, 1, 1), constant(IMAGENET_STD, x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """Model input (B, 3, H, W) -> pixels in [0, 1]: the inverse of `normalize`, clamped."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = constant(IMAGENET_MEAN, x.device).view(1, 3, 1, 1), constant(IMAGENET_STD, x.device).view(1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
 
 

@@ -22,11 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maecli.config import SimclrConfig
-from maecli.data import crop_boxes, normalize, resized_crop
+from maecli.data import constant, crop_boxes, normalize, resized_crop
 from maecli.model import MaskedAutoencoder
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey, as torchvision's rgb_to_grayscale
 RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(RGB_TO_YIQ)).tolist()))  # once, here: inv on a GPU waits for it
 
 
 def _distributed() -> bool:
@@ -131,7 +132,7 @@ def draw_views(rng: np.random.Generator, n: int, frame_hw: tuple[int, int], out_
 
 def luma(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) pixels -> (B, 1, H, W) grey."""
-    return (x * torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * constant(LUMA, x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def colour_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -144,8 +145,7 @@ def colour_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     angle = 2 * math.pi * factors[:, 3]  # (B,)
     cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
     rotate = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(-1, 3, 3)  # (B, 3, 3) in YIQ
-    to_yiq = torch.tensor(RGB_TO_YIQ, device=x.device)
-    matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq  # (B, 3, 3) on RGB
+    matrix = constant(YIQ_TO_RGB, x.device) @ rotate @ constant(RGB_TO_YIQ, x.device)  # (B, 3, 3) on RGB
     return torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)
 
 

@@ -12,9 +12,12 @@ import sys
 import pytest
 import torch
 
+from maecli.bench import train_step_fn
 from maecli.cli import app
+from maecli.config import load_config
 from maecli.device import pick_device
 from maecli.errors import ConfigError
+from maecli.methods import method_of
 from tests.conftest import write_project
 from tests.test_probe import make_set
 
@@ -61,6 +64,18 @@ def test_auto_takes_this_machines_path(runner, tmp_path, store):
     assert simclr.exit_code == 0, simclr.output
     summary = json.loads(simclr.stdout)
     assert (summary["device"], summary["precision"], summary["compiled"]) == (("cuda:0", "bfloat16", True) if GPUS else ("cpu", "float32", False))
+    if GPUS:  # and on the GPU, the step of either method never makes the host wait for it (the GPU would idle)
+        cfg = load_config(config)
+        frames = torch.randint(0, 256, (8, 48, 64, 3), dtype=torch.uint8, device="cuda")
+        for name in ("mae", "simclr"):
+            method = method_of(cfg.model_copy(update=dict(simclr=cfg.simclr.model_copy(update=dict(proj_hidden=64)))), name)
+            step = train_step_fn(method.build().cuda(), method, frames, compile="default")
+            step()  # compiles (compiling may wait for the GPU)
+            torch.cuda.set_sync_debug_mode("error")  # raises at any synchronizing call: .item(), a copy from pageable memory...
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
 
 
 def test_torchrun_with_more_processes_than_gpus_stops_with_one_line(tmp_path, store):
