@@ -30,9 +30,9 @@ gpu=$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')
   python3 -c 'import sys, torch, timm, av, pydantic; print("python", sys.version.split()[0], "torch", torch.__version__, "timm", timm.__version__, "av", av.__version__, "pydantic", pydantic.__version__)'
 } > "$w/versions.txt" 2>&1
 if [ "$gpu" = 1 ]; then
-  size=(--model vit_base --patch 16 --img 224); model=vit_base; batch=256; steps=300; store=224; steps_per_s=20
+  size=(--model vit_base --patch 16 --img 224); model=vit_base; batch=256; steps=300; store=224
 else
-  size=(--model vit_tiny --patch 16 --img 64 --set model.depth=2); model=vit_tiny; batch=8; steps=6; store=64; steps_per_s=2
+  size=(--model vit_tiny --patch 16 --img 64 --set model.depth=2); model=vit_tiny; batch=8; steps=6; store=64
 fi
 
 left() { echo $((deadline - $(date +%s))); }
