@@ -74,7 +74,7 @@ for stage in ${STAGES:-bench pretrain batch suite sweep}; do
     [ "$(left)" -lt 30 ] && { echo "skipped: $(left) s left" > $w/suite.txt; continue; }
     lim=$(limit 150)
     xdist=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 8")  # 8 workers of 2 threads: more threads than cores slows every one
-    OMP_NUM_THREADS=2 timeout "$lim" python3 -m pytest -q -p no:cacheprovider $xdist --durations=15 > $w/suite.txt 2>&1
+    OMP_NUM_THREADS=2 timeout "$lim" python3 -m pytest -v -p no:cacheprovider $xdist --durations=15 > $w/suite.txt 2>&1  # -v: a failure is named even if cut
     echo "exit $? (limit ${lim} s${xdist:+, $xdist})" >> $w/suite.txt ;;
   sweep)  # each while ~100 s are left
     [ "$(left)" -gt 100 ] && run_pretrain b$batch-graphs $batch $steps reduce-overhead
@@ -98,7 +98,8 @@ print((w / "versions.txt").read_text().strip())
 print("stages:", ", ".join((w / "stages.txt").read_text().split("\n")).strip(", "))
 if (w / "suite.txt").exists():
     lines = (w / "suite.txt").read_text().strip().splitlines()
-    print("suite:", " | ".join(lines[-2:]))
+    failed = sorted({line.split("FAILED", 1)[1].strip().split(" ")[0] for line in lines if "FAILED" in line})
+    print("suite:", " | ".join(lines[-2:]) + (f"; failed: {', '.join(failed)}" if failed else ""))
 f = w / "bench.json"
 if f.exists() and f.stat().st_size:
     r = json.loads(f.read_text())

@@ -3,6 +3,7 @@ the floors, fine-tuning, resuming, and the one-line errors."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -71,6 +72,11 @@ def test_compare_trains_probes_and_finetunes_each_method_under_one_budget(runner
 
 def test_a_time_budget_is_turned_into_steps_from_measured_step_times(runner, tmp_path, store):
     result, report = compare(runner, compare_project(tmp_path, store), "--budget", "2s", "--method", "mae")  # 8 steps need < 250 ms each
+    if result.exit_code == 2:  # a machine so loaded that 2 s buy fewer than 8 steps (seen under pytest-xdist on 2 cores): refused
+        m = re.fullmatch(r"compare\.budget: 2s buys (\d) steps of mae \(.* FLOPs, ([0-9.e+-]+) s per step at batch 8\); compare needs at least 8, "
+                         r"one per eighth of the budget\n", result.stderr)
+        assert m and int(m[1]) < 8 and float(m[2]) > 2 / 8 * 0.99, result.stderr
+        return
     assert result.exit_code == 0, result.output
     m = report["methods"]["mae"]
     assert list(report["methods"]) == ["mae"] and report["step_times_measured"] and m["step_seconds"] > 0
