@@ -40,11 +40,11 @@ left() { echo $((deadline - $(date +%s))); }
 limit() { local l; l=$(left); [ "$l" -lt 1 ] && l=1; [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }  # the stage's limit, or what is left
 
 store_ready=0
-make_store() {  # a synthetic store of ~480 frames at the model's size (16:9 clips), made once
+make_store() {  # a synthetic store of 640 frames at the model's size (16:9 clips), all in train (batch 512 needs 512), made once
   [ $store_ready = 1 ] && return
   mkdir -p $w/p
-  python3 -c "from pathlib import Path; from maecli.synthetic import generate_clips; generate_clips(Path('$w/p/videos'), count=6, seconds=8.0, fps=10, size=($store, $((store * 16 / 9 / 2 * 2))))"
-  printf '[project]\ndevice = "auto"\n[model]\npreset = "%s"\nimg_size = %s\npatch_size = 16\nnorm_pix_loss = true\n%b[extract]\ninputs = ["videos"]\nsize = %s\nfps = 10\ndedup = 0\n' \
+  python3 -c "from pathlib import Path; from maecli.synthetic import generate_clips; generate_clips(Path('$w/p/videos'), count=8, seconds=8.0, fps=10, size=($store, $((store * 16 / 9 / 2 * 2))))"
+  printf '[project]\ndevice = "auto"\n[model]\npreset = "%s"\nimg_size = %s\npatch_size = 16\nnorm_pix_loss = true\n%b[extract]\ninputs = ["videos"]\nsize = %s\nfps = 10\ndedup = 0\nval_fraction = 0\n' \
     $model $store "$([ "$gpu" = 1 ] || echo 'depth = 2\n')" $store > $w/p/maecli.toml
   python3 -m maecli extract -c $w/p > $w/extract.log 2>&1 && store_ready=1
 }
