@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from maecli.config import MaecliConfig, apply_overrides, load_config, validate_config
-from maecli.device import autocast_for, compiles, pick_device
+from maecli.device import autocast_for, compile_mode, pick_device
 from maecli.errors import ConfigError
 from maecli.loop import param_groups
 from maecli.methods import Method, analytic_flops, method_of
@@ -152,8 +152,7 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
     each variant in that folder.
     """
     arch, mask_ratio, seed, wd = cfg.model.mae_kwargs, cfg.model.mask_ratio, cfg.project.seed, cfg.pretrain.weight_decay
-    compile = compiles(cfg.pretrain.compile if compile is None else compile, device)
-    mode = cfg.pretrain.compile_mode if compile else None
+    mode = compile_mode(cfg.pretrain.compile if compile is None else compile, cfg.pretrain.compile_mode, device)
     peak, peak_source = device_peak(device, peak_tflops)
     matmul, matmul_source = matmul_peak(device)
     torch.manual_seed(seed)
@@ -193,7 +192,7 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
                                                     analytic=flops["contrastive (2 views)"] / flops["mae"])
     if profile is not None:
         profile_steps(fns, Path(profile), device)
-    return dict(arch=arch, batch=batch, mask_ratio=mask_ratio, device=str(device), compiled=compile, compile_mode=mode, steps=steps, warmup=warmup,
+    return dict(arch=arch, batch=batch, mask_ratio=mask_ratio, device=str(device), compiled=mode is not None, compile_mode=mode, steps=steps, warmup=warmup,
                 peak_gflops=peak / 1e9 if peak else None, peak_source=peak_source, matmul_gflops=matmul / 1e9, matmul_source=matmul_source,
                 variants=variants, speedups=speedups, profile=str(profile) if profile is not None else None)
 

@@ -28,7 +28,7 @@ from maecli.bench import interleaved, train_step_fn
 from maecli.checkpoint import checkpoint_files, load_model
 from maecli.config import MaecliConfig
 from maecli.data import Plan
-from maecli.device import compiles, pick_device
+from maecli.device import compile_mode, pick_device
 from maecli.errors import ConfigError
 from maecli.figures import plot_compare
 from maecli.files import owned, read_json, write_json
@@ -177,6 +177,6 @@ def measure_steps(cfg: MaecliConfig, device: torch.device, steps: int = 5, warmu
         method = method_of(cfg, name)
         torch.manual_seed(cfg.project.seed)
         fns[name] = train_step_fn(method.build().to(device), method, frames, seed=cfg.project.seed, weight_decay=cfg.pretrain.weight_decay,
-                                  compile=cfg.pretrain.compile_mode if compiles(cfg.pretrain.compile, device) else None)
+                                  compile=compile_mode(cfg.pretrain.compile, cfg.pretrain.compile_mode, device))
     times = interleaved(fns, steps, warmup, device)
     return {name: statistics.median(t) for name, t in times.items()}

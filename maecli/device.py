@@ -36,10 +36,11 @@ def pick_device(choice: str, *, gpus: int | None = None, field: str = "project.d
     return device
 
 
-def compiles(choice: bool | str | None, device: torch.device) -> bool:
-    """Whether a model runs through torch.compile: as set, or for "auto" (None) on CUDA only (compiling on a CPU
-    rarely pays)."""
-    return device.type == "cuda" if choice in ("auto", None) else bool(choice)
+def compile_mode(choice: bool | str | None, mode: str, device: torch.device) -> str | None:
+    """torch.compile's `mode` when a model runs compiled, None when it runs eager: compiled as set (`compile`), or
+    for "auto" (None) on CUDA only (compiling on a CPU rarely pays)."""
+    compiled = device.type == "cuda" if choice in ("auto", None) else bool(choice)
+    return mode if compiled else None
 
 
 def autocast_for(device: torch.device) -> torch.autocast:

@@ -34,7 +34,7 @@ from maecli import __version__
 from maecli.checkpoint import canonical_arch, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig
 from maecli.data import Plan, augment, crop_boxes, to_input
-from maecli.device import autocast_for, compiles, precision
+from maecli.device import autocast_for, compile_mode, precision
 from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
 from maecli.figures import plot_confusion, plot_curves
 from maecli.files import append_line, atomic_write, keep_lines, owned, read_lines, write_json
@@ -115,8 +115,8 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     start, weights = resume_checkpoint(run_dir / "checkpoints", raw, optimizer, ckpt_arch, device, notes, run_field="finetune.run")
     if weights is not None:
         notes.append(f"resumed from step {start} ({weights})")
-    compiled = compiles(fc.compile, device)
-    model = for_training(raw, device, world, compiled, fc.compile_mode)
+    mode = compile_mode(fc.compile, fc.compile_mode, device)
+    model = for_training(raw, device, world, mode)
     autocast = autocast_for(device)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)  # uint8 (N, h, w, 3), (N,)
     size, C = tuple(train_x.shape[1:3]), len(data.classes)
@@ -180,7 +180,7 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     return finish(raw, arch, data, run_dir, val_logits, dict(
         epochs=fc.epochs, steps=total, steps_this_run=total - start, seconds=round(seconds, 2),
         images_per_s=round((total - start) * plan.global_batch / seconds, 2) if total > start else None,
-        lr=lr, trainable_params=sum(p.numel() for p in raw.parameters() if p.requires_grad), compiled=compiled, notes=notes))  # fmt: skip
+        lr=lr, trainable_params=sum(p.numel() for p in raw.parameters() if p.requires_grad), compiled=mode is not None, notes=notes))  # fmt: skip
 
 
 # --- the pieces around the loop ------------------------------------------------------------------

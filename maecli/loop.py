@@ -30,11 +30,11 @@ def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
         dist.destroy_process_group()
 
 
-def for_training(raw: torch.nn.Module, device: torch.device, world: int, compiled: bool, mode: str = "default") -> torch.nn.Module:
+def for_training(raw: torch.nn.Module, device: torch.device, world: int, mode: str | None) -> torch.nn.Module:
     """The module a training loop calls: `raw` (which keeps the weights, for checkpoints) in DDP under torchrun,
-    through torch.compile in `mode` when `compiled`."""
+    through torch.compile in `mode` unless it is None (`device.compile_mode`)."""
     model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
-    return torch.compile(model, mode=mode) if compiled else model
+    return torch.compile(model, mode=mode) if mode else model
 
 
 def get_lr(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> float:

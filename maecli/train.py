@@ -22,7 +22,7 @@ from maecli import __version__
 from maecli.checkpoint import HEADS, canonical_arch, check_same_arch, checkpoint_files, checkpoint_method, load_state, read_weights, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig, dump_toml
 from maecli.data import Loader, Plan
-from maecli.device import autocast_for, compiles, pick_device, precision
+from maecli.device import autocast_for, compile_mode, pick_device, precision
 from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
 from maecli.figures import plot_loss, save_reconstructions
 from maecli.files import append_line, keep_lines, owned, write_json, write_text
@@ -91,8 +91,8 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     if world > 1:
         dist.barrier()
     start, notes = load_start(cfg, raw, optimizer, device)
-    compiled = compiles(pc.compile, device)
-    model = for_training(raw, device, world, compiled, pc.compile_mode)
+    mode = compile_mode(pc.compile, pc.compile_mode, device)
+    model = for_training(raw, device, world, mode)
     autocast = autocast_for(device)
     log = RunLog(cfg, start, raw, device) if is_main else None
     loader = Loader(store, plan, start * pc.accum_iter, device, method.draw)
@@ -144,7 +144,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
         run_dir=str(cfg.run_dir), method=method.name, steps=sched.total, steps_this_run=sched.total - start, epochs=round(sched.total / sched.steps_per_epoch, 3),
         final_loss=round(log.last_loss, 6), seconds=round(seconds, 2), images_per_s=round((sched.total - start) * sched.batch / seconds, 2),
         data_wait_fraction=round(loader.waited / seconds, 4), effective_batch=sched.batch, lr=sched.lr, device=str(device),
-        precision=precision(device), compiled=compiled, compile_mode=pc.compile_mode if compiled else None, world_size=world,
+        precision=precision(device), compiled=mode is not None, compile_mode=mode, world_size=world,
         checkpoint=str(checkpoint_files(cfg.run_dir / "checkpoints", sched.total)[0]),
         snapshot=str(log.snapshot_path(sched.total)) if log.snapshots else None, loss_curve=str(cfg.run_dir / "loss.png"), notes=notes,
     ))  # fmt: skip
@@ -216,7 +216,7 @@ class RunLog:
         kept = keep_lines(self.metrics_path, lambda r: r["step"] <= start)
         self.last_loss = kept[-1]["loss"] if kept else float("nan")  # a finished run, rerun, still reports its loss
         self.device, self.t, self.waited = device, time.perf_counter(), 0.0
-        self.method, self.snapshots = cfg.pretrain.method, cfg.pretrain.method == "mae"
+        self.method, self.snapshots = cfg.pretrain.method, model.has_decoder
         self.last_step = start
         if not self.snapshots:  # a method without a decoder has nothing to reconstruct
             return
