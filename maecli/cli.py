@@ -298,6 +298,10 @@ def probe(
         print_json(report)
         return
     print_lines(report["notes"])
+    if report["task"] == "segmentation":
+        print_segmentation_table(report, f"frozen encoders, last {report['layers']} block{'s' * (report['layers'] > 1)}")
+        print_lines([f"report: {report['report']}", f"per-class IoU: {report['iou_png']}", f"predictions: {report['predictions_png']}"])
+        return
     print_probe_table(report)
     print_lines([f"report: {report['report']}", f"confusion matrix: {report['results']['pretrained']['confusion_png']}"])
 
@@ -324,8 +328,9 @@ def finetune(
         return
     print_lines(report["notes"] + [n for r in report["results"].values() for n in r["notes"]])
     print_finetune_table(report)
+    kind = "segmenter" if report["task"] == "segmentation" else "classifier"
     print_lines([f"report: {report['report']}", f"learning curves: {report['curves_png']}"]
-                + [f"{name}: {r['classifier']}; load it with: {r['snippet']}" for name, r in report["results"].items()])
+                + [f"{name}: {r[kind]}; load it with: {r['snippet']}" + (f"; then {r['predict']}" if "predict" in r else "") for name, r in report["results"].items()])
 
 
 def print_finetune_table(report: dict[str, Any]) -> None:
@@ -333,6 +338,9 @@ def print_finetune_table(report: dict[str, Any]) -> None:
 
     recipe = report["recipe"]
     blocks = "all blocks" if recipe["blocks"] < 0 else "the head only" if recipe["blocks"] == 0 else f"the last {recipe['blocks']} blocks"
+    if report["task"] == "segmentation":
+        print_segmentation_table(report, f"fine-tuned ({blocks}, {recipe['epochs']} epochs)")
+        return
     table = Table(title=f"fine-tuned ({blocks}, {recipe['epochs']} epochs): {len(report['classes'])} classes, "
                         f"{report['train_images']} train / {report['val_images']} val images")
     for col in ["encoder", "top-1"] + (["top-5"] if len(report["classes"]) > 5 else []) + ["best epoch on val", "train img/s"]:
@@ -342,6 +350,26 @@ def print_finetune_table(report: dict[str, Any]) -> None:
         table.add_row(name, f"{100 * r['top1']:.1f}%", *([f"{100 * r['top5']:.1f}%"] if "top5" in r else []), best,
                       f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-")
     console.print(table)
+
+
+def print_segmentation_table(report: dict[str, Any], what: str) -> None:
+    """mIoU, pixel accuracy and mean class accuracy per encoder, then the IoU of each class (rows) per encoder."""
+    from rich.table import Table
+
+    h, w = report["input_size"]
+    table = Table(title=f"segmentation, {what}: {len(report['classes'])} classes, {report['train_images']} train / {report['val_images']} val frames at {h}x{w}")
+    for col in ("encoder", "mIoU", "pixel accuracy", "mean class accuracy"):
+        table.add_column(col, justify="left" if col == "encoder" else "right")
+    for name, r in report["results"].items():
+        table.add_row(name, percent(r["miou"]), percent(r["pixel_acc"]), percent(r["mean_class_acc"]))
+    console.print(table)
+    per_class = Table(title="IoU per class (%)")
+    per_class.add_column("class")
+    for name in report["results"]:
+        per_class.add_column(name, justify="right")
+    for c in report["classes"]:
+        per_class.add_row(c, *[f"{100 * r['per_class_iou'][c]:.1f}" if r["per_class_iou"][c] is not None else "-" for r in report["results"].values()])
+    console.print(per_class)
 
 
 def print_probe_table(report: dict[str, Any]) -> None:

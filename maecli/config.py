@@ -269,12 +269,22 @@ class ExportConfig(Section):
 
 
 class ProbeConfig(Section):
-    """Linear probe and k-NN on a labeled image folder (one sub-folder per class), frozen encoder."""
+    """The labeled set that probe, finetune and compare judge an encoder on, and the frozen-encoder probes. A set is a
+    classification folder (one sub-folder per class: linear probe and k-NN on a pooled token) or a segmentation folder
+    (images/ and masks/, matched by file stem, optional classes.csv: a BatchNorm + 1x1 linear head on the patch-token
+    grid, scored by mIoU)."""
 
-    train: str = Field("", description="Labeled training images, one folder per class.")
-    val: str = Field("", description="Labeled validation images (default: a stratified val_fraction of train).")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each class held out when there is no val folder.")
+    train: str = Field("", description="Labeled training set: one folder per class, or images/ + masks/ (segmentation).")
+    val: str = Field("", description="Labeled validation set of the same kind (default: a val_fraction of train).")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share held out when there is no val folder (of each class; of the frames for segmentation).")
     per_class: int = Field(0, ge=0, description="Use at most this many training images per class, chosen by the seed (0: all): accuracy with few labels.")
+    frames: int = Field(0, ge=0, description="Segmentation: train on at most this many labeled frames, chosen by the seed (0: all).")
+    ignore_index: int = Field(255, ge=0, le=255, description="Segmentation: the mask value that marks unlabeled pixels (CamVid: 11).")
+    input_size: Size | None = Field(None, examples=[[240, 320]], description="Segmentation: the input size [height, width] (default: the model's img_size; position embeddings are interpolated).")
+    layers: int = Field(1, gt=0, description="Segmentation probe: patch tokens of the last N blocks, each after the final norm, concatenated (MAE's features spread over layers: try 4).")
+    batch_frames: int = Field(16, gt=1, description="Segmentation probe: frames per step (the head sees every pixel of each).")
+    hflip: bool = Field(False, description="Segmentation probe: random horizontal flips (then features are computed every step instead of cached).")
+    crop_scale: tuple[float, float] = Field((1.0, 1.0), description="Segmentation probe: scale jitter, random crops of this range of the frame's area ([1, 1]: none, features cached).")
     checkpoint: str = Field("", description="Encoder to probe (default: the pretraining run's latest checkpoint).")
     pool: Literal["cls", "mean"] = Field("cls", description="Feature: the class token (the MAE protocol) or the mean of the patch tokens.")
     epochs: int = Field(100, gt=0, description="Linear-probe epochs over the cached features.")
@@ -284,6 +294,7 @@ class ProbeConfig(Section):
     temperature: float = Field(0.07, gt=0, description="k-NN vote weights: exp(similarity / temperature).")
 
     _resolve_paths = field_validator("train", "val", "checkpoint")(_resolve_optional)
+    _scale_range = field_validator("crop_scale")(_area_range)
 
 
 class FinetuneConfig(Section):
@@ -520,7 +531,7 @@ def dump_toml(config: MaecliConfig) -> str:
     out = []
     for name, section in config:
         out.append(f"[{name}]")
-        out.extend(f"{key} = {toml_value(value)}" for key, value in section.model_dump(mode="json").items())
+        out.extend(f"{key} = {toml_value(value)}" for key, value in section.model_dump(mode="json").items() if value is not None)  # None: unset
         out.append("")
     return "\n".join(out)
 
@@ -536,6 +547,8 @@ def template() -> str:
             if info.is_required():  # sized by the preset: shown commented, at the default preset's value
                 preset = section.model_fields["preset"].default
                 out.append(f"# {key} = {toml_value(PRESETS[preset][key])}")
+            elif info.default is None:  # unset by default: shown commented, with an example value
+                out.append(f"# {key} = {toml_value(info.examples[0])}")
             else:
                 default = info.default
                 out.append(f"{key} = {toml_value(list(default) if isinstance(default, tuple) else default)}")

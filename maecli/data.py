@@ -122,6 +122,14 @@ def resized_crop(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, i
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, 3, h, w)
 
 
+def resized_crop_masks(masks: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """uint8 masks (B, H, W) + the crops of their images (B, 2, 3) -> uint8 (B, h, w): the same crops, nearest
+    neighbour, so each pixel keeps a class of its own (never a blend of two)."""
+    x = masks[:, None].float()  # (B, 1, H, W)
+    grid = F.affine_grid(theta.to(x.device), [x.shape[0], 1, *out_hw], align_corners=False)  # (B, h, w, 2)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)[:, 0].round().to(torch.uint8)
+
+
 def augment(frames: torch.Tensor, theta: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     """uint8 frames (B, H, W, 3) + crops (B, 2, 3) -> normalized float images (B, 3, h, w), on the frames' device."""
     return normalize(resized_crop(frames, theta, out_hw))

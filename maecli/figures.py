@@ -61,17 +61,18 @@ def plot_loss(metrics: Path, path: Path, title: str, loss_name: str) -> None:
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
-    """Fine-tuning curves, one line per run: training loss and validation top-1 by epoch."""
+    """Fine-tuning curves, one line per run: training loss and validation top-1 (or mIoU) by epoch."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.5), dpi=100)
     loss_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    key = "val_miou" if any("val_miou" in r for rows in runs.values() for r in rows) else "val_top1"
     for name, rows in runs.items():
         epochs = [r["epoch"] for r in rows]
         loss_ax.plot(epochs, [r["train_loss"] for r in rows], marker=".", label=name)
-        acc_ax.plot(epochs, [100 * r["val_top1"] for r in rows], marker=".", label=name)
-    loss_ax.set(xlabel="epoch", ylabel="training loss (smoothed cross-entropy)", title=f"{title}: training loss")
-    acc_ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"{title}: validation accuracy")
+        acc_ax.plot(epochs, [100 * r[key] for r in rows], marker=".", label=name)
+    loss_ax.set(xlabel="epoch", ylabel="training loss (cross-entropy)", title=f"{title}: training loss")
+    acc_ax.set(xlabel="epoch", ylabel=f"validation {'mIoU' if key == 'val_miou' else 'top-1'} (%)", title=f"{title}: validation")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -128,3 +129,41 @@ def plot_compare(report: dict[str, Any], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def plot_iou(results: dict[str, dict[str, float | None]], classes: list[str], path: Path, title: str) -> None:
+    """Per-class IoU, one bar per encoder in each class's group (a class absent from truth and predictions: no bar)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6, 1 + 0.6 * len(classes) * max(1, len(results)) / 2), 4), dpi=100)
+    ax = fig.add_subplot()
+    width = 0.8 / len(results)
+    for k, (name, per_class) in enumerate(results.items()):
+        values = [100 * v if v is not None else np.nan for v in per_class.values()]
+        miou = np.nanmean(values) if not np.all(np.isnan(values)) else 0.0
+        ax.bar(np.arange(len(classes)) + (k - (len(results) - 1) / 2) * width, values, width, label=f"{name} (mIoU {miou:.1f})")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="IoU (%)", ylim=(0, 100), title=title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def save_segmentations(data: Any, predictions: dict[str, dict[int, torch.Tensor]], path: Path, title: str, height: int = 180) -> None:
+    """The picture people look at first: a few validation frames as image | truth | each model's prediction, classes
+    in the set's palette, ignored pixels black. `predictions`: name -> {val index: (H, W) uint8}."""
+    import torch.nn.functional as F
+
+    shown = sorted(next(iter(predictions.values())))
+    palette = torch.from_numpy(np.concatenate([data.seg.palette, np.zeros((256 - len(data.seg.palette), 3), np.uint8)])).float() / 255  # (256, 3)
+
+    def colour(masks: list[torch.Tensor]) -> torch.Tensor:  # uint8 (H, W) each -> (N, 3, h, w) at the picture's height
+        rgb = torch.stack([palette[m.long()] for m in masks]).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        return F.interpolate(rgb, size=(height, round(height * rgb.shape[3] / rgb.shape[2])), mode="nearest")
+
+    truth = colour([data.val_y[i] for i in shown])
+    image = data.val_x[shown].permute(0, 3, 1, 2).float() / 255  # (N, 3, h, w) at the input size
+    columns = {"image": F.interpolate(image, size=truth.shape[2:], mode="bilinear", align_corners=False).clamp(0, 1), "truth": truth}
+    columns.update({name: colour([preds[i] for i in shown]) for name, preds in predictions.items()})
+    with atomic_write(path) as tmp:
+        grid_image(columns, title, cell=height).save(tmp, format="PNG")

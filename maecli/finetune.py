@@ -19,7 +19,6 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,30 +32,22 @@ from safetensors.torch import save_file
 from maecli import __version__
 from maecli.checkpoint import canonical_arch, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig
-from maecli.data import Plan, augment, crop_boxes, to_input
+from maecli.data import Plan, augment, crop_boxes, resized_crop_masks, to_input
 from maecli.device import autocast_for, compile_mode, precision
 from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
-from maecli.figures import plot_confusion, plot_curves
+from maecli.dense import evaluate as evaluate_dense
+from maecli.dense import shown_frames
+from maecli.figures import plot_confusion, plot_curves, plot_iou, save_segmentations
 from maecli.files import append_line, atomic_write, keep_lines, owned, read_lines, write_json
 from maecli.inference import load_for_inference, random_encoder
-from maecli.labeled import labeled_split, load_images, scores_report
+from maecli.labeled import Labeled, input_size, load_labeled, scores_report
 from maecli.loop import decays, distributed, for_training, get_lr, progress_bar, stop_on_ctrl_c
 from maecli.model import MaskedAutoencoder
-from maecli.vit import classifier, load_snippet, timm_spec
+from maecli.segmentation import seg_scores
+from maecli.vit import classifier, dense_logits, load_snippet, segmenter, timm_spec
 
 BASELINES = ("random",)
 RESUMABLE = ("checkpoint_every", "keep_last", "compile", "compile_mode")  # settings a run may change between resumes
-
-
-@dataclass(frozen=True)
-class Labeled:
-    """The labeled set in memory: uint8 images (N, h, w, 3) at the model's input size, labels (N,), class names."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    classes: list[str]
 
 
 def run_finetune(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines: tuple[str, ...] = (), restart: bool = False,
@@ -68,22 +59,23 @@ def run_finetune(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines:
     encoder, arch, path, device = load_for_inference(cfg, checkpoint or fc.checkpoint, notes)  # device: before any collective
     if fc.blocks > arch["depth"]:
         raise ConfigError(f"finetune.blocks: the encoder has {arch['depth']} blocks (got {fc.blocks})")
-    train_items, val_items, classes = labeled_split(cfg, notes)
-    train_x, train_y = load_images(train_items, encoder.img_size, notes)
-    val_x, val_y = load_images(val_items, encoder.img_size, notes)
-    data = Labeled(train_x, train_y, val_x, val_y, classes)
+    data = load_labeled(cfg, input_size(cfg, encoder.img_size, encoder.patch_size), notes)
+    if data.dense and (fc.mixup or fc.cutmix):
+        raise ConfigError(f"finetune.{'mixup' if fc.mixup else 'cutmix'}: mixes whole images' labels; a segmentation set has per-pixel labels (set it to 0)")
     encoders = {"pretrained": encoder}
     if "random" in baselines:
         encoders["random init"] = random_encoder(arch, cfg.project.seed)
     out = cfg.run_dir / fc.run
     with distributed(device) as (rank, world), owned(out, "finetune.run") if rank == 0 else nullcontext():
-        settings = dict(source=str(path), classes=classes, seed=cfg.project.seed, **fc.model_dump(mode="json", exclude={"checkpoint", *RESUMABLE}))
+        dense = dict(input_size=list(data.train_x.shape[1:3]), ignore_index=data.seg.ignore_index) if data.dense else {}
+        settings = dict(source=str(path), classes=data.classes, seed=cfg.project.seed, **dense, **fc.model_dump(mode="json", exclude={"checkpoint", *RESUMABLE}))
         results = {name: _train(cfg, enc, arch, data, out / name.replace(" ", "-"), settings, rank, world, device, restart,
                                 console if rank == 0 else None) for name, enc in encoders.items()}
     if rank != 0:
         return None
     plot_curves({name: r["curve"] for name, r in results.items()}, out / "curves.png", cfg.project.name)
-    report = dict(checkpoint=str(path), classes=classes, train_images=len(train_y), val_images=len(val_y), device=str(device),
+    report = dict(checkpoint=str(path), task="segmentation" if data.dense else "classification", classes=data.classes, train_images=len(data.train_x),
+                  val_images=len(data.val_x), input_size=list(data.train_x.shape[1:3]), device=str(device),
                   precision=precision(device), world_size=world, recipe=fc.model_dump(mode="json"), results=results,
                   curves_png=str(out / "curves.png"), notes=notes, report=str(out / "report.json"))
     write_json(out / "report.json", report)
@@ -107,10 +99,14 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     check_settings(run_dir, settings)
 
     torch.manual_seed(seed)
-    raw = classifier(encoder, arch, len(data.classes), drop_path=fc.drop_path).to(device)
+    size, C = tuple(data.train_x.shape[1:3]), len(data.classes)
+    if data.dense:  # a linear head on every patch token, at the set's input size
+        raw = segmenter(encoder, arch, C, size, drop_path=fc.drop_path).to(device)
+    else:  # a linear head on the class token
+        raw = classifier(encoder, arch, C, drop_path=fc.drop_path).to(device)
     freeze(raw, fc.blocks)
     optimizer = torch.optim.AdamW(layer_groups(raw, fc.weight_decay, fc.layer_decay), lr=lr, fused=True)
-    ckpt_arch = {**canonical_arch(arch), "num_classes": len(data.classes)}
+    ckpt_arch = {**canonical_arch({**arch, "img_size": list(size)}), "num_classes": C}
     notes: list[str] = []
     start, weights = resume_checkpoint(run_dir / "checkpoints", raw, optimizer, ckpt_arch, device, notes, run_field="finetune.run")
     if weights is not None:
@@ -118,15 +114,14 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     mode = compile_mode(fc.compile, fc.compile_mode, device)
     model = for_training(raw, device, world, mode)
     autocast = autocast_for(device)
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)  # uint8 (N, h, w, 3), (N,)
-    size, C = tuple(train_x.shape[1:3]), len(data.classes)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)  # uint8 (N, h, w, 3); (N,) labels or (N, h, w) masks
     metrics = run_dir / "metrics.jsonl"
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "settings.json", settings)
         keep_lines(metrics, lambda r: r["step"] <= start)  # a killed run's later rows go
     loss_sum, loss_steps, last_ckpt, t_run, t_epoch = torch.zeros((), device=device), 0, weights, time.perf_counter(), time.perf_counter()
-    val_logits = None  # the last evaluation (N, C): the one reported
+    val_result = None  # the last evaluation (`validate`): the one reported
     name = run_dir.name.replace("-", " ")
     with stop_on_ctrl_c(enabled=world == 1) as stop, progress_bar(console, f"finetune {name}") as progress:
         task = progress.add_task("finetune", total=total, completed=start, epoch=start // steps_per_epoch, loss="-", lr="-", ips="-")
@@ -138,12 +133,18 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
             theta = torch.from_numpy(crop_boxes(rng, plan.global_batch, size, size, fc.crop_scale, fc.hflip)[plan.rank_slice()])  # (B, 2, 3)
             idx = torch.from_numpy(plan.indices(step)).to(device)  # (B,)
             imgs = augment(train_x[idx], theta, size)  # (B, 3, h, w)
-            targets = F.one_hot(train_y[idx], C).float() * (1 - fc.label_smoothing) + fc.label_smoothing / C  # (B, C)
-            imgs, targets = mix(rng, imgs, targets, fc.mixup, fc.cutmix)
             torch.manual_seed(int(np.random.SeedSequence([seed, 7, step, rank]).generate_state(1)[0]))  # drop path
-            with autocast:
-                logits = model(imgs)  # (B, C)
-            loss = F.cross_entropy(logits.float(), targets)
+            if data.dense:  # the masks cropped as their images, per-pixel cross-entropy at the input size
+                targets = resized_crop_masks(train_y[idx], theta, size).long()  # (B, h, w)
+                with autocast:
+                    logits = F.interpolate(dense_logits(model(imgs), raw.patch_embed.grid_size), size=size, mode="bilinear", align_corners=False)  # (B, C, h, w)
+                loss = F.cross_entropy(logits.float(), targets, ignore_index=data.seg.ignore_index)
+            else:
+                targets = F.one_hot(train_y[idx], C).float() * (1 - fc.label_smoothing) + fc.label_smoothing / C  # (B, C)
+                imgs, targets = mix(rng, imgs, targets, fc.mixup, fc.cutmix)
+                with autocast:
+                    logits = model(imgs)  # (B, C)
+                loss = F.cross_entropy(logits.float(), targets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -159,9 +160,8 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
                 loss_sum.zero_()
                 if is_main and at_eval:
                     seconds = time.perf_counter() - t_epoch  # training only
-                    val_logits = evaluate(raw, data.val_x, device, autocast)
-                    row = dict(epoch=done // steps_per_epoch, step=done, train_loss=round(train_loss, 6), val_loss=round(F.cross_entropy(val_logits, data.val_y).item(), 6),
-                               val_top1=round((val_logits.argmax(1) == data.val_y).float().mean().item(), 6), lr=step_lr,
+                    scores, val_result = validate(raw, data, device, autocast)
+                    row = dict(epoch=done // steps_per_epoch, step=done, train_loss=round(train_loss, 6), **scores, lr=step_lr,
                                images_per_s=round(loss_steps * plan.global_batch / seconds, 2))
                     append_line(metrics, json.dumps(row))
                     progress.update(task, epoch=row["epoch"], loss=f"{train_loss:.4f}", lr=f"{step_lr:.2e}", ips=f"{row['images_per_s']:.1f}")
@@ -175,9 +175,9 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     if not is_main:
         return None
     seconds = time.perf_counter() - t_run
-    if val_logits is None:  # a finished run, rerun: nothing trained, nothing evaluated yet
-        val_logits = evaluate(raw, data.val_x, device, autocast)
-    return finish(raw, arch, data, run_dir, val_logits, dict(
+    if val_result is None:  # a finished run, rerun: nothing trained, nothing evaluated yet
+        val_result = validate(raw, data, device, autocast)[1]
+    return finish(raw, arch, data, run_dir, val_result, dict(
         epochs=fc.epochs, steps=total, steps_this_run=total - start, seconds=round(seconds, 2),
         images_per_s=round((total - start) * plan.global_batch / seconds, 2) if total > start else None,
         lr=lr, trainable_params=sum(p.numel() for p in raw.parameters() if p.requires_grad), compiled=mode is not None, notes=notes))  # fmt: skip
@@ -256,31 +256,55 @@ def epoch_loss(loss_sum: torch.Tensor, steps: int, world: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, device: torch.device, autocast: torch.autocast, batch: int = 256) -> torch.Tensor:
-    """Logits (N, C) on the CPU for uint8 images (N, h, w, 3): no augmentation, no drop path."""
+def validate(model: torch.nn.Module, data: Labeled, device: torch.device, autocast: torch.autocast, batch: int = 256) -> tuple[dict[str, float], Any]:
+    """The model on the val set, without augmentation or drop path: the curve's numbers (val_loss, and val_top1 or
+    val_miou) and what `finish` scores (logits (N, C) on the CPU; for segmentation the confusion matrix and the
+    pictured frames' predictions)."""
     model.eval()
-    logits = []
-    for chunk in images.split(batch):
-        with autocast:
-            logits.append(model(to_input(chunk.to(device))).float().cpu())
+    if data.dense:
+        grid = model.patch_embed.grid_size
+        confusion, loss, preds = evaluate_dense(lambda x: dense_logits(model(x), grid), data, device, shown=shown_frames(len(data.val_x)))
+        scores, result = dict(val_loss=round(loss, 6), val_miou=round(seg_scores(confusion, data.classes)["miou"], 6)), (confusion, preds)
+    else:
+        logits = []
+        for chunk in data.val_x.split(batch):
+            with autocast:
+                logits.append(model(to_input(chunk.to(device))).float().cpu())
+        result = torch.cat(logits)  # (N, C)
+        scores = dict(val_loss=round(F.cross_entropy(result, data.val_y).item(), 6), val_top1=round((result.argmax(1) == data.val_y).float().mean().item(), 6))
     model.train()
-    return torch.cat(logits)
+    return scores, result
 
 
-def finish(model: torch.nn.Module, arch: dict[str, Any], data: Labeled, run_dir: Path, val_logits: torch.Tensor, summary: dict[str, Any]) -> dict[str, Any]:
-    """The run's results: scores of the last epoch, best epoch on the curve, confusion PNG, and the classifier for timm."""
+def finish(model: torch.nn.Module, arch: dict[str, Any], data: Labeled, run_dir: Path, val_result: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's results: scores of the last epoch, best epoch on the curve, pictures (confusion matrix; per-class IoU
+    and predictions for segmentation), and the model for timm with the line that loads it."""
     curve = read_lines(run_dir / "metrics.jsonl")
-    best = max(curve, key=lambda r: r["val_top1"]) if curve else None
-    scores = scores_report(val_logits, data.val_y, data.classes)
-    plot_confusion(scores["confusion"], data.classes, run_dir / "confusion.png", f"{run_dir.name}, fine-tuned")
-    weights = run_dir / "classifier.safetensors"
+    key, kind = ("val_miou", "segmenter") if data.dense else ("val_top1", "classifier")
+    best = max(curve, key=lambda r: r[key]) if curve else None
+    if data.dense:
+        confusion, preds = val_result
+        scores = seg_scores(confusion, data.classes)
+        plot_iou({run_dir.name: scores["per_class_iou"]}, data.classes, run_dir / "iou.png", f"{run_dir.name}, fine-tuned: per-class IoU")
+        save_segmentations(data, {f"{run_dir.name}, fine-tuned": preds}, run_dir / "predictions.png", f"{run_dir.name}, fine-tuned: val frames")
+        pictures = dict(iou_png=str(run_dir / "iou.png"), predictions_png=str(run_dir / "predictions.png"))
+    else:
+        scores = scores_report(val_result, data.val_y, data.classes)
+        plot_confusion(scores["confusion"], data.classes, run_dir / "confusion.png", f"{run_dir.name}, fine-tuned")
+        pictures = dict(confusion_png=str(run_dir / "confusion.png"))
+    weights = run_dir / f"{kind}.safetensors"
     with atomic_write(weights) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp, metadata={"format": "pt", "classes": json.dumps(data.classes)})
-    spec = timm_spec(arch, len(data.classes))
-    snippet = f"import timm, safetensors.torch; {load_snippet(spec, str(weights))}"
-    write_json(run_dir / "classifier.json", {**spec, "classes": data.classes, "load": snippet})
-    result = dict(**scores, best_val_top1=best["val_top1"] if best else None, best_epoch=best["epoch"] if best else None, curve=curve,
-                  confusion_png=str(run_dir / "confusion.png"), classifier=str(weights), snippet=snippet, **summary)
+    size = list(data.train_x.shape[1:3])
+    spec = timm_spec({**arch, "img_size": size}, len(data.classes), dense=data.dense)
+    snippet = f"import timm, {'torch, ' * data.dense}safetensors.torch; {load_snippet(spec, str(weights))}"
+    usage = {}
+    if data.dense:  # per-token logits -> a map -> each image's own resolution
+        gh, gw = size[0] // arch["patch_size"], size[1] // arch["patch_size"]
+        usage["predict"] = (f"logits = torch.nn.functional.interpolate(m(x)[:, 1:].transpose(1, 2).reshape(len(x), {len(data.classes)}, {gh}, {gw}), "
+                            f"size=(H, W), mode='bilinear')  # x: (N, 3, {size[0]}, {size[1]}) ImageNet-normalized, the frames resized to it")
+    write_json(run_dir / f"{kind}.json", {**spec, "classes": data.classes, "load": snippet, **usage})
+    result = dict(**scores, **{f"best_{key}": best[key] if best else None}, best_epoch=best["epoch"] if best else None, curve=curve, **pictures,
+                  **{kind: str(weights)}, snippet=snippet, **usage, **summary)
     write_json(run_dir / "summary.json", result)
     return result
-

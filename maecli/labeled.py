@@ -1,6 +1,10 @@
-"""The labeled image set that `probe` and `finetune` share: one folder per class, a train folder and a val folder
-(or a stratified split of train), the images at the model's input size, and how predictions are scored."""
+"""The labeled set that `probe`, `finetune` and `compare` share, of either kind, recognised by its layout:
+- classification: one folder per class, a train folder and a val folder (or a stratified split of train), the images
+  at the model's input size, scored by top-1 / top-5;
+- segmentation (`maecli.segmentation`): images/ + masks/, scored by mIoU.
+"""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +14,54 @@ import torch
 from maecli.config import MaecliConfig
 from maecli.errors import ConfigError
 from maecli.inputs import ignored_in, list_images, read_images, resize_notes
+from maecli.segmentation import Classes, is_segmentation, load_segmentation
+
+
+@dataclass(frozen=True)
+class Labeled:
+    """The labeled set in memory: uint8 images (N, h, w, 3) at the input size and their targets, class names.
+    Classification: labels (N,). Segmentation (`dense`): training masks (N, h, w) at the input size, validation masks
+    at their own resolution (a list of uint8 (H, W)), the val files and the palette / ignore index (`seg`)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor | list[torch.Tensor]
+    classes: list[str]
+    seg: Classes | None = None
+    val_paths: list[Path] | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.seg is not None
+
+
+def is_dense(cfg: MaecliConfig) -> bool:
+    """Is [probe]'s labeled set a segmentation set?"""
+    return bool(cfg.probe.train) and is_segmentation(cfg.probe.train)
+
+
+def input_size(cfg: MaecliConfig, img_size: tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """The size labeled images are fed at: the model's, or [probe] input_size for a segmentation set."""
+    size = tuple(cfg.probe.input_size or img_size) if is_dense(cfg) else tuple(img_size)
+    if size[0] % patch_size or size[1] % patch_size:
+        raise ConfigError(f"probe.input_size: must be divisible by the model's patch_size {patch_size} (got {list(size)})")
+    return size
+
+
+def load_labeled(cfg: MaecliConfig, size: tuple[int, int], notes: list[str]) -> Labeled:
+    """[probe] train / val in memory at `size` (`input_size`), whichever kind they are."""
+    if is_dense(cfg):
+        s = load_segmentation(cfg, size, notes)
+        return Labeled(s.train_x, s.train_y, s.val_x, s.val_y, s.classes.names, seg=s.classes, val_paths=s.val_paths)
+    if cfg.probe.val and is_segmentation(cfg.probe.val):
+        raise ConfigError(f"probe.val: {cfg.probe.val} is a segmentation set (images/ and masks/), probe.train is not")
+    train_items, val_items, classes = labeled_split(cfg, notes)
+    if len(classes) <= 5:
+        notes.append(f"top-5 accuracy not reported: only {len(classes)} classes")
+    train_x, train_y = load_images(train_items, size, notes)
+    val_x, val_y = load_images(val_items, size, notes)
+    return Labeled(train_x, train_y, val_x, val_y, classes)
 
 
 def labeled_split(cfg: MaecliConfig, notes: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]], list[str]]:

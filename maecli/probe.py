@@ -1,4 +1,5 @@
-"""`maecli probe`: how good is the frozen encoder on a labeled image folder?
+"""`maecli probe`: how good is the frozen encoder on a labeled set? A segmentation set (images/ + masks/) gets the
+dense probe of `maecli.dense`; a classification folder (one sub-folder per class) what follows.
 
 Features are computed once per encoder (the class token, as in the MAE linear-probing protocol, or the
 mean patch token) and cached in memory; on them:
@@ -10,6 +11,7 @@ Both report top-1 (top-5 with more than 5 classes), per-class accuracy and a con
 """
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,12 +20,16 @@ import torch.nn.functional as F
 
 from maecli.config import MaecliConfig
 from maecli.data import to_input
+from maecli.dense import Features, encoder_features, probe_dense
+from maecli.dense import pixel_features as pixel_tokens
 from maecli.device import autocast_for
-from maecli.figures import plot_confusion
+from maecli.errors import ConfigError
+from maecli.figures import plot_confusion, plot_iou, save_segmentations
 from maecli.files import write_json
 from maecli.inference import load_for_inference, pool_features, random_encoder
-from maecli.labeled import labeled_split, load_images, scores_report
+from maecli.labeled import Labeled, input_size, load_labeled, scores_report
 from maecli.model import MaskedAutoencoder
+from maecli.vit import segmenter
 
 
 @torch.no_grad()
@@ -84,31 +90,38 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
     return to_input(images).flatten(1)
 
 
-def probe_encoder(encoder: MaskedAutoencoder | None, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                  classes: list[str], cfg: MaecliConfig, device: torch.device) -> dict[str, Any]:
-    """Linear-probe and k-NN reports of one encoder (None: the raw pixels) on uint8 images and labels at its input size."""
+def probe_encoder(encoder: MaskedAutoencoder | None, arch: dict[str, Any], data: Labeled, cfg: MaecliConfig, device: torch.device) -> dict[str, Any]:
+    """The frozen-encoder scores of one encoder (None: the raw pixels) on the labeled set: linear probe and k-NN
+    reports for classification, the dense probe's for segmentation."""
+    if data.dense:
+        return probe_dense(dense_features(encoder, arch, data, cfg, device), data, cfg, device)[0]
     pc = cfg.probe
     if encoder is None:
-        train_x, val_x = pixel_features(train[0]), pixel_features(val[0])
+        train_x, val_x = pixel_features(data.train_x), pixel_features(data.val_x)
     else:  # features computed once, cached
-        train_x, val_x = embed(encoder, train[0], pc.pool, device), embed(encoder, val[0], pc.pool, device)
-    linear = linear_probe(train_x, train[1], val_x, len(classes), epochs=pc.epochs, lr=pc.lr, batch_size=pc.batch_size, seed=cfg.project.seed)
-    knn = knn_scores(train_x, train[1], val_x, len(classes), k=pc.k, temperature=pc.temperature)
-    return {"linear": scores_report(linear, val[1], classes), "knn": scores_report(knn, val[1], classes)}
+        train_x, val_x = embed(encoder, data.train_x, pc.pool, device), embed(encoder, data.val_x, pc.pool, device)
+    linear = linear_probe(train_x, data.train_y, val_x, len(data.classes), epochs=pc.epochs, lr=pc.lr, batch_size=pc.batch_size, seed=cfg.project.seed)
+    knn = knn_scores(train_x, data.train_y, val_x, len(data.classes), k=pc.k, temperature=pc.temperature)
+    return {"linear": scores_report(linear, data.val_y, data.classes), "knn": scores_report(knn, data.val_y, data.classes)}
+
+
+def dense_features(encoder: MaskedAutoencoder | None, arch: dict[str, Any], data: Labeled, cfg: MaecliConfig, device: torch.device) -> Features:
+    """What the dense probe reads: the frozen encoder at the set's input size ([probe] layers blocks), or the pixels."""
+    if encoder is None:
+        return pixel_tokens(arch["patch_size"])
+    if cfg.probe.layers > arch["depth"]:
+        raise ConfigError(f"probe.layers: the encoder has {arch['depth']} blocks (got {cfg.probe.layers})")
+    return encoder_features(segmenter(encoder, arch, 0, tuple(data.train_x.shape[1:3])).to(device), cfg.probe.layers)
 
 
 def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines: tuple[str, ...] = ()) -> dict[str, Any]:
     """The probes on the pretrained encoder and on each of `baselines`: "random" (a randomly initialised encoder of
-    the same shape) and "pixels" (the input pixels themselves, no encoder)."""
+    the same shape) and "pixels" (the input pixels themselves, no encoder); on a segmentation set the majority class
+    is a floor too."""
     assert set(baselines) <= set(BASELINES), f"baselines must be among {BASELINES}, got {baselines}"
-    pc = cfg.probe
     notes: list[str] = []
-    model, arch, path, device = load_for_inference(cfg, checkpoint or pc.checkpoint, notes)
-    train_items, val_items, classes = labeled_split(cfg, notes)
-    if len(classes) <= 5:
-        notes.append(f"top-5 accuracy not reported: only {len(classes)} classes")
-    train_imgs, train_y = load_images(train_items, model.img_size, notes)
-    val_imgs, val_y = load_images(val_items, model.img_size, notes)
+    model, arch, path, device = load_for_inference(cfg, checkpoint or cfg.probe.checkpoint, notes)
+    data = load_labeled(cfg, input_size(cfg, model.img_size, model.patch_size), notes)
     encoders: dict[str, MaskedAutoencoder | None] = {"pretrained": model}
     if "random" in baselines:
         encoders["random init"] = random_encoder(arch, cfg.project.seed)
@@ -116,13 +129,31 @@ def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines: tu
         encoders["raw pixels"] = None
     out_dir = cfg.run_dir / "probe"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name, encoder in encoders.items():
-        results[name] = probe_encoder(encoder, (train_imgs, train_y), (val_imgs, val_y), classes, cfg, device)
-        slug = name.replace(" ", "-")
-        plot_confusion(results[name]["linear"]["confusion"], classes, out_dir / f"confusion-{slug}.png", f"{name}, linear probe")
-        results[name]["confusion_png"] = str(out_dir / f"confusion-{slug}.png")
-    report = dict(checkpoint=str(path), classes=classes, train_images=len(train_y), val_images=len(val_y), pool=pc.pool, epochs=pc.epochs,
-                  k=pc.k, device=str(device), results=results, notes=notes, report=str(out_dir / "report.json"))
+    report = dict(checkpoint=str(path), task="segmentation" if data.dense else "classification", classes=data.classes,
+                  train_images=len(data.train_x), val_images=len(data.val_x), device=str(device), notes=notes, report=str(out_dir / "report.json"))
+    if data.dense:
+        report.update(probe_segmentation(encoders, arch, data, cfg, device, out_dir))
+    else:
+        results = {}
+        for name, encoder in encoders.items():
+            results[name] = probe_encoder(encoder, arch, data, cfg, device)
+            slug = name.replace(" ", "-")
+            plot_confusion(results[name]["linear"]["confusion"], data.classes, out_dir / f"confusion-{slug}.png", f"{name}, linear probe")
+            results[name]["confusion_png"] = str(out_dir / f"confusion-{slug}.png")
+        report.update(pool=cfg.probe.pool, epochs=cfg.probe.epochs, k=cfg.probe.k, results=results)
     write_json(out_dir / "report.json", report)
     return report
+
+
+def probe_segmentation(encoders: dict[str, MaskedAutoencoder | None], arch: dict[str, Any], data: Labeled, cfg: MaecliConfig, device: torch.device,
+                       out_dir: Path) -> dict[str, Any]:
+    """The dense probe of each encoder and the majority class: scores, the per-class IoU chart and the picture of a few
+    validation frames (image | truth | each prediction)."""
+    pc, results, shown = cfg.probe, {}, {}
+    for name, encoder in {**encoders, "majority class": "majority"}.items():
+        features = None if encoder == "majority" else dense_features(encoder, arch, data, cfg, device)
+        results[name], shown[name] = probe_dense(features, data, cfg, device)
+    plot_iou({name: r["per_class_iou"] for name, r in results.items()}, data.classes, out_dir / "iou.png", f"{cfg.project.name}: frozen encoders, per-class IoU")
+    save_segmentations(data, shown, out_dir / "predictions.png", f"{cfg.project.name}: val frames, frozen-encoder probes")
+    return dict(input_size=list(data.train_x.shape[1:3]), layers=pc.layers, epochs=pc.epochs, ignore_index=data.seg.ignore_index, results=results,
+                iou_png=str(out_dir / "iou.png"), predictions_png=str(out_dir / "predictions.png"))
