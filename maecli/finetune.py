@@ -138,7 +138,10 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
                 targets = resized_crop_masks(train_y[idx], theta, size).long()  # (B, h, w)
                 with autocast:
                     logits = F.interpolate(dense_logits(model(imgs), raw.patch_embed.grid_size), size=size, mode="bilinear", align_corners=False)  # (B, C, h, w)
-                loss = F.cross_entropy(logits.float(), targets, ignore_index=data.seg.ignore_index)
+                labeled = (targets != data.seg.ignore_index).sum()  # pixels that count: the mean is over all ranks' labeled pixels
+                if world > 1:  # DDP averages the ranks' gradients, so each rank's sum is scaled by world / the global count
+                    dist.all_reduce(labeled)
+                loss = F.cross_entropy(logits.float(), targets, ignore_index=data.seg.ignore_index, reduction="sum") * world / labeled.clamp(min=1)
             else:
                 targets = F.one_hot(train_y[idx], C).float() * (1 - fc.label_smoothing) + fc.label_smoothing / C  # (B, C)
                 imgs, targets = mix(rng, imgs, targets, fc.mixup, fc.cutmix)

@@ -121,8 +121,10 @@ def read_mask(path: Path, classes: Classes | None) -> np.ndarray:
     return np.array([known[int(k)] for k in keys], dtype=np.int32)[pos]
 
 
-def load_frames(pairs: list[tuple[Path, Path]], size: tuple[int, int], classes: Classes | None, notes: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], list[Path]]:
-    """Read each pair: images stretched to `size`, masks as values. A bad pair is skipped with one note."""
+def load_frames(pairs: list[tuple[Path, Path]], size: tuple[int, int], classes: Classes | None, notes: list[str],
+                ) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[Path, Path]]]:
+    """Read each pair: images stretched to `size`, masks as values, and the pairs kept. A bad pair is skipped with one
+    note."""
     from PIL import Image
 
     images, masks, kept = [], [], []
@@ -144,7 +146,7 @@ def load_frames(pairs: list[tuple[Path, Path]], size: tuple[int, int], classes: 
             continue
         images.append(rgb)
         masks.append(mask)
-        kept.append(image_path)
+        kept.append((image_path, mask_path))
     return images, masks, kept
 
 
@@ -233,7 +235,10 @@ def load_segmentation(cfg: Any, size: tuple[int, int], notes: list[str]) -> Spli
         pairs = find_pairs(Path(folder), notes)
         if not pairs:
             raise ConfigError(f"probe.{name}: {folder} has no image with a mask of the same name")
+        before = len(notes)
         read[name] = load_frames(pairs, size, classes, notes)
+        if not read[name][0]:
+            raise ConfigError(*notes[before:], f"probe.{name}: none of the {len(pairs)} frames of {folder} could be used")
     found = [m for images, masks, _ in read.values() for m in masks]
     num_classes = len(classes.names) if classes else max((int(m[m != pc.ignore_index].max(initial=-1)) for m in found), default=-1) + 1
     if classes is None:
@@ -241,9 +246,10 @@ def load_segmentation(cfg: Any, size: tuple[int, int], notes: list[str]) -> Spli
     if num_classes > 255:
         raise ConfigError(f"probe.train: {num_classes} classes; masks hold at most 255 besides the ignore index")
     for name, (images, masks, paths) in list(read.items()):
-        good = check_values(masks, paths, num_classes, pc.ignore_index, notes)
+        before = len(notes)
+        good = check_values(masks, [m for _, m in paths], num_classes, pc.ignore_index, notes)
         if not good:
-            raise ConfigError(f"probe.{name}: none of the {len(paths)} frames of {getattr(pc, name)} could be used")
+            raise ConfigError(*notes[before:], f"probe.{name}: none of the {len(paths)} frames of {getattr(pc, name)} could be used")
         read[name] = ([images[i] for i in good], [masks[i] for i in good], [paths[i] for i in good])
     train = read["train"]
     if "val" not in read:
@@ -267,4 +273,4 @@ def load_segmentation(cfg: Any, size: tuple[int, int], notes: list[str]) -> Spli
         raise ConfigError(f"probe.train: the training masks hold {len(labeled)} class{'es' * (len(labeled) != 1)}; a probe needs at least two")
     return Split(train_x=torch.from_numpy(np.stack(train[0])), train_y=torch.from_numpy(np.stack([resize_mask(m, size) for m in train[1]])),
                  val_x=torch.from_numpy(np.stack(read["val"][0])), val_y=[torch.from_numpy(m.astype(np.uint8)) for m in read["val"][1]],
-                 val_paths=read["val"][2], classes=classes)
+                 val_paths=[image for image, _ in read["val"][2]], classes=classes)

@@ -20,6 +20,7 @@ from maecli.finetune import layer_groups, mix
 from maecli.vit import classifier
 from tests.conftest import TINY, write_project
 from tests.test_probe import COLORS, make_set
+from tests.test_segmentation import make_seg_set
 
 FAST = dict(epochs=3, batch_size=16, warmup_epochs=1, blr=0.02)  # lr 1.25e-3 at batch 16
 
@@ -28,6 +29,16 @@ FAST = dict(epochs=3, batch_size=16, warmup_epochs=1, blr=0.02)  # lr 1.25e-3 at
 def labeled(tmp_path_factory):
     d = tmp_path_factory.mktemp("labeled")
     return make_set(d / "train", 32, 0), make_set(d / "val", 10, 1)
+
+
+@pytest.fixture(scope="module")
+def seg_labeled(tmp_path_factory):
+    """A segmentation set with as many training frames as `labeled` has images (96: the same steps per epoch)."""
+    d = tmp_path_factory.mktemp("seg-labeled")
+    return make_seg_set(d / "train", 96, 0), make_seg_set(d / "val", 10, 1)
+
+
+KINDS = {"classification": ("labeled", "classifier", dict(mixup=0.8, cutmix=1.0)), "segmentation": ("seg_labeled", "segmenter", {})}
 
 
 def project(folder, trained, labeled, **finetune):
@@ -89,12 +100,14 @@ def test_partial_finetuning_trains_only_the_last_blocks(runner, tmp_path, traine
     assert report["recipe"]["blocks"] == blocks
 
 
-def final_classifier(folder):
-    return load_file(folder / "runs" / "pretrain" / "finetune" / "pretrained" / "classifier.safetensors")
+def final_classifier(folder, kind="classification"):
+    return load_file(folder / "runs" / "pretrain" / "finetune" / "pretrained" / f"{KINDS[kind][1]}.safetensors")
 
 
-def test_killed_run_resumes_bit_identical(runner, tmp_path, trained, labeled):
-    kw = dict(epochs=12, mixup=0.8, cutmix=1.0, drop_path=0.2, hflip=True)  # every source of randomness on
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_killed_run_resumes_bit_identical(runner, tmp_path, trained, request, kind):
+    labeled = request.getfixturevalue(KINDS[kind][0])
+    kw = dict(epochs=12, drop_path=0.2, hflip=True, **KINDS[kind][2])  # every source of randomness on (mixing: whole images only)
     result, _ = finetune(runner, project(tmp_path / "ref", trained, labeled, **kw), "--json")
     assert result.exit_code == 0, result.output
     config = project(tmp_path / "cut", trained, labeled, **kw)
@@ -111,12 +124,14 @@ def test_killed_run_resumes_bit_identical(runner, tmp_path, trained, labeled):
     assert result.exit_code == 0, result.output
     r = report["results"]["pretrained"]
     assert r["notes"][0].startswith("resumed from step ") and 0 < r["steps_this_run"] < 72
-    ref, cut = final_classifier(tmp_path / "ref"), final_classifier(tmp_path / "cut")
+    ref, cut = final_classifier(tmp_path / "ref", kind), final_classifier(tmp_path / "cut", kind)
     assert ref.keys() == cut.keys() and all(torch.equal(ref[k], cut[k]) for k in ref)
     assert [row["epoch"] for row in r["curve"]] == list(range(1, 13))  # nothing logged twice
 
 
-def test_torchrun_two_processes_match_one(runner, tmp_path, trained, labeled):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_torchrun_two_processes_match_one(runner, tmp_path, trained, request, kind):
+    labeled = request.getfixturevalue(KINDS[kind][0])
     kw = dict(epochs=1, drop_path=0.0, checkpoint_every=1)  # no mixing, no drop path: the global batch defines the step
     result, _ = finetune(runner, project(tmp_path / "one", trained, labeled, **kw), "--json")
     assert result.exit_code == 0, result.output
@@ -126,7 +141,7 @@ def test_torchrun_two_processes_match_one(runner, tmp_path, trained, labeled):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)  # printed once, by rank 0
     assert report["world_size"] == 2 and report["results"]["pretrained"]["steps"] == 6
-    one, two = final_classifier(tmp_path / "one"), final_classifier(tmp_path / "two")
+    one, two = final_classifier(tmp_path / "one", kind), final_classifier(tmp_path / "two", kind)
     for k in one:
         a, b = one[k], two[k]
         if k.endswith("attn.qkv.bias"):  # the key bias gets a zero true gradient (see the pretrain test): compare q and v
