@@ -423,7 +423,7 @@ def compare(
         return
     print_lines(report["notes"])
     print_compare_table(report)
-    print_lines([f"report: {report['report']}", f"accuracy vs compute: {report['plot']}"])
+    print_lines([f"report: {report['report']}", f"quality vs compute: {report['plot']}"])
 
 
 def percent(value: float | None) -> str:
@@ -444,12 +444,13 @@ def print_compare_table(report: dict[str, Any]) -> None:
         cost.add_row(name, f"{1000 * m['step_seconds']:.0f}" if m["step_seconds"] else "-", f"{m['flops_per_step'] / 1e9:.3g}", str(m["steps"]),
                      f"{m['images_seen']:,}", f"{m['flops'] / 1e15:.3g}", f"{m['train_seconds']:.0f}")
     console.print(cost)
-    tuned = report["finetune_epochs"] > 0
-    quality = Table(title=f"top-1 (%), linear probe/k-NN, at each fraction of the budget; {report['classes']} classes, {report['train_images']} "
-                          f"train / {report['val_images']} val images" + (f"; fine-tuned {report['finetune_epochs']} epochs" if tuned else ""))
+    tuned, dense = report["finetune_epochs"] > 0, report["task"] == "segmentation"
+    what = "mIoU (%), frozen-encoder segmentation probe" if dense else "top-1 (%), linear probe/k-NN"
+    quality = Table(title=f"{what}, at each fraction of the budget; {report['classes']} classes, {report['train_images']} "
+                          f"train / {report['val_images']} val {'frames' if dense else 'images'}" + (f"; fine-tuned {report['finetune_epochs']} epochs" if tuned else ""))
     for col in ["encoder", *[f"at {Fraction(f)}" for f in FRACTIONS], *(["fine-tuned"] if tuned else [])]:
         quality.add_column(col, justify="left" if col == "encoder" else "right", no_wrap=True)
-    both = lambda r: f"{100 * r['linear']:.1f}/{100 * r['knn']:.1f}"  # noqa: E731
+    both = (lambda r: f"{100 * r['miou']:.1f}") if dense else (lambda r: f"{100 * r['linear']:.1f}/{100 * r['knn']:.1f}")  # noqa: E731
     for name, m in report["methods"].items():
         quality.add_row(name, *[both(p) for p in m["points"]], *([percent(m.get("finetuned"))] if tuned else []))
     for name, f in report["floors"].items():

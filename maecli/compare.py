@@ -2,9 +2,11 @@
 `quickstart`, a command that composes others (pretrain, probe, finetune).
 
 Each method of [compare] (MAE and SimCLR by default) is pretrained on the project's store with [pretrain]'s recipe
-for the steps one budget buys it, and probed (linear + k-NN, [probe]'s protocol) at 1/8, 1/4, 1/2 and all of the
-budget: accuracy-versus-compute curves rather than one point. A random-init encoder and the raw pixels are the
-floors; with `finetune_epochs`, each method's final encoder (and a random-init one) is fine-tuned too.
+for the steps one budget buys it, and probed with the frozen encoder ([probe]'s protocol: linear + k-NN top-1 on a
+classification set, the dense probe's mIoU on a segmentation set) at 1/8, 1/4, 1/2 and all of the budget:
+quality-versus-compute curves rather than one point. A random-init encoder and the raw pixels (and, for segmentation,
+the majority class) are the floors; with `finetune_epochs`, each method's final encoder (and a random-init one) is
+fine-tuned too.
 
 The budget is per method, in the user's terms: a time on this device (turned into steps from a step time measured
 once, interleaved across the methods, and recorded), analytic FLOPs, or steps of the reference method (the others
@@ -32,9 +34,10 @@ from maecli.device import compile_mode, pick_device
 from maecli.errors import ConfigError
 from maecli.figures import plot_compare
 from maecli.files import owned, read_json, write_json
-from maecli.labeled import labeled_split, load_images
-from maecli.methods import method_of
+from maecli.dense import probe_dense
 from maecli.inference import random_encoder
+from maecli.labeled import input_size, load_labeled
+from maecli.methods import method_of
 from maecli.probe import probe_encoder
 from maecli.store import FrameStore
 
@@ -51,7 +54,7 @@ def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | 
     folder = cfg.project.output_dir / cc.run
     if "RANK" in os.environ:
         raise ConfigError("compare: runs as one process on one device (torchrun is for pretrain and finetune)")
-    train_items, val_items, classes = labeled_split(cfg, notes)  # no labeled set: fail before any training
+    data = load_labeled(cfg, input_size(cfg, cfg.model.img_size, cfg.model.patch_size), notes)  # no labeled set: fail before any training
     if not (cc.budget or cc.budget_flops or cc.budget_steps):
         raise ConfigError("compare.budget: no budget given (--budget 20m, --budget-flops 1e15 or --budget-steps 500)")
     if restart and folder.exists():
@@ -60,10 +63,10 @@ def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | 
         device = pick_device(cfg.project.device)
         plan = load_plan(cfg, folder, device)
         arch = cfg.model.mae_kwargs
-        train = load_images(train_items, cfg.model.img_size, notes)
-        val = load_images(val_items, cfg.model.img_size, notes)
-        floors = {name: cached(folder / f"probe-{name.replace(' ', '-')}.json", probe_encoder, encoder, train, val, classes, cfg, device)
+        floors = {name: cached(folder / f"probe-{name.replace(' ', '-')}.json", probe_encoder, encoder, arch, data, cfg, device)
                   for name, encoder in (("random init", random_encoder(arch, cfg.project.seed)), ("raw pixels", None))}
+        if data.dense:  # no encoder at all: the most frequent class everywhere
+            floors["majority class"] = probe_dense(None, data, cfg, device)[0]
         configs = {name: method_config(cfg, name, plan["methods"][name]["steps"]) for name in cc.methods}
         methods = {}
         for name, m_cfg in configs.items():
@@ -77,10 +80,10 @@ def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | 
             for fraction in FRACTIONS:
                 step = round(fraction * summary["steps"])
                 weights = checkpoint_files(m_cfg.run_dir / "checkpoints", step)[0]
-                encoder = load_model(weights, encoder_only_ok=True)[0]
-                probe = cached(folder / name / f"compare-probe-{step:08d}.json", probe_encoder, encoder, train, val, classes, cfg, device)
+                encoder, enc_arch = load_model(weights, encoder_only_ok=True)
+                probe = cached(folder / name / f"compare-probe-{step:08d}.json", probe_encoder, encoder, enc_arch, data, cfg, device)
                 points.append(dict(fraction=fraction, step=step, flops=step * plan["methods"][name]["flops_per_step"], checkpoint=str(weights),
-                                   linear=probe["linear"]["top1"], knn=probe["knn"]["top1"]))
+                                   **frozen_scores(probe, data.dense)))
             methods[name] = dict(plan["methods"][name], images_seen=summary["steps"] * plan["batch"], flops=points[-1]["flops"],
                                  train_seconds=round(progress["train_seconds"], 1), run_dir=str(m_cfg.run_dir), points=points)
         if cc.finetune_epochs:
@@ -88,17 +91,24 @@ def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | 
                 m_cfg = configs[name].model_copy(update=dict(finetune=cfg.finetune.model_copy(update=dict(epochs=cc.finetune_epochs))))
                 tuned = run_finetune(m_cfg, checkpoint=methods[name]["points"][-1]["checkpoint"], baselines=("random",) if i == 0 else (),
                                      console=console)
-                methods[name]["finetuned"] = tuned["results"]["pretrained"]["top1"]
+                score = "miou" if data.dense else "top1"
+                methods[name]["finetuned"] = tuned["results"]["pretrained"][score]
                 if i == 0:
-                    floors["random init"]["finetuned"] = tuned["results"]["random init"]["top1"]
-        report = dict(budget=plan["budget"], batch=plan["batch"], device=plan["device"], classes=len(classes), train_images=len(train[1]),
-                      val_images=len(val[1]), methods=methods, floors={name: dict(linear=f["linear"]["top1"], knn=f["knn"]["top1"],
-                      finetuned=f.get("finetuned")) for name, f in floors.items()}, finetune_epochs=cc.finetune_epochs,
+                    floors["random init"]["finetuned"] = tuned["results"]["random init"][score]
+        report = dict(budget=plan["budget"], batch=plan["batch"], device=plan["device"], task="segmentation" if data.dense else "classification",
+                      classes=len(data.classes), train_images=len(data.train_x), val_images=len(data.val_x), methods=methods,
+                      floors={name: dict(**frozen_scores(f, data.dense), finetuned=f.get("finetuned")) for name, f in floors.items()},
+                      finetune_epochs=cc.finetune_epochs,
                       step_times_measured=plan["step_times_measured"], notes=notes, report=str(folder / "compare.json"),
                       plot=str(folder / "compare.png"))  # fmt: skip
         plot_compare(report, folder / "compare.png", cfg.project.name)
         write_json(folder / "compare.json", report)
     return report
+
+
+def frozen_scores(probe: dict[str, Any], dense: bool) -> dict[str, float]:
+    """The numbers a compare table shows of a frozen-encoder probe: linear and k-NN top-1, or mIoU."""
+    return {"miou": probe["miou"]} if dense else {"linear": probe["linear"]["top1"], "knn": probe["knn"]["top1"]}
 
 
 def method_config(cfg: MaecliConfig, name: str, steps: int) -> MaecliConfig:

@@ -112,19 +112,20 @@ def plot_bench(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_compare(report: dict[str, Any], path: Path, title: str) -> None:
-    """Accuracy against training compute, one line per method (a point per probed checkpoint), the floors as
-    horizontal lines: linear probe and k-NN side by side."""
+    """Quality against training compute, one line per method (a point per probed checkpoint), the floors as
+    horizontal lines: linear probe and k-NN side by side, or the dense probe's mIoU."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.8), dpi=100)
-    for i, (key, label) in enumerate((("linear", "linear probe"), ("knn", "k-NN"))):
-        ax = fig.add_subplot(1, 2, i + 1)
+    panels = (("miou", "frozen-encoder probe", "mIoU"),) if report["task"] == "segmentation" else (("linear", "linear probe", "top-1"), ("knn", "k-NN", "top-1"))
+    fig = Figure(figsize=(5 * len(panels), 3.8), dpi=100)
+    for i, (key, label, unit) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
         for name, m in report["methods"].items():
             ax.plot([p["flops"] for p in m["points"]], [100 * p[key] for p in m["points"]], marker="o", label=name)
-        for (name, floor), style in zip(report["floors"].items(), ("--", ":"), strict=True):
+        for (name, floor), style in zip(report["floors"].items(), ("--", ":", "-."), strict=False):
             ax.axhline(100 * floor[key], color="grey", linestyle=style, label=name)
         ax.set_xscale("log")
-        ax.set(xlabel="training FLOPs (analytic)", ylabel=f"{label} top-1 (%)", title=f"{title}: {label}, budget {report['budget']['text']}")
+        ax.set(xlabel="training FLOPs (analytic)", ylabel=f"{label} {unit} (%)", title=f"{title}: {label}, budget {report['budget']['text']}")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

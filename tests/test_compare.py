@@ -100,3 +100,21 @@ def test_bad_compare_input_is_one_line_naming_the_field(runner, tmp_path, store,
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
     assert result.stderr.startswith(error.format(simclr=simclr))
     assert not (tmp_path / "runs" / "compare" / "mae").exists()  # nothing trained
+
+
+def test_compare_on_a_segmentation_set_reports_miou(runner, tmp_path, store):
+    from tests.test_segmentation import make_seg_set
+
+    config = write_project(tmp_path, store, pretrain={"log_every": 4}, simclr={"proj_hidden": 64, "proj_dim": 16}, finetune={"batch_size": 8},
+                           probe={"train": str(make_seg_set(tmp_path / "seg", 16, 0)), "epochs": 5})
+    result, report = compare(runner, config, "--budget-steps", "32", "--finetune-epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert report["task"] == "segmentation" and report["classes"] == 3 and report["train_images"] + report["val_images"] == 16
+    for m in report["methods"].values():
+        assert [set(p) >= {"miou", "flops", "step"} and 0 <= p["miou"] <= 1 for p in m["points"]] == [True] * 4
+        assert 0 <= m["finetuned"] <= 1
+    assert list(report["floors"]) == ["random init", "raw pixels", "majority class"]
+    assert report["floors"]["raw pixels"]["miou"] > report["floors"]["majority class"]["miou"]  # colour classes: the pixels tell them apart
+    assert report["floors"]["random init"]["finetuned"] is not None and (tmp_path / "runs" / "compare" / "compare.png").stat().st_size > 0
+    table = runner.invoke(app, ["compare", "-c", str(config), "--budget-steps", "32", "--finetune-epochs", "1"])
+    assert table.exit_code == 0 and "mIoU (%), frozen-encoder segmentation probe" in " ".join(table.stderr.split())
