@@ -487,16 +487,22 @@ def quickstart(
         f"encoder for timm: {s['export']['path']}",
         f"probe report:     {probe['report']}",
         f"fine-tuning:      {s['finetune']['report']} (curves: {s['finetune']['curves_png']})",
+        f"segmentation:     {s['segmentation']['probe']['predictions_png']}, {s['segmentation']['finetune']['report']}",
         f"results table:    {s['results']}",
     ])  # fmt: skip
     print_probe_table(probe)
     print_finetune_table(s["finetune"])
+    seg = s["segmentation"]
+    print_segmentation_table(seg["probe"], "frozen encoders")
+    print_finetune_table(seg["finetune"])
     tuned = {name: r["top1"] for name, r in s["finetune"]["results"].items()}
     pixels = probe["results"]["raw pixels"]["linear"]["top1"]
     print_lines([f"pretraining gain over a random-init encoder: {100 * (pre - rnd):+.1f} points of top-1 on the linear probe, "
                  f"{100 * (tuned['pretrained'] - tuned['random init']):+.1f} fine-tuned",
                  f"against the raw pixels (linear probe {100 * pixels:.1f}%): frozen {100 * (pre - pixels):+.1f}, fine-tuned "
-                 f"{100 * (tuned['pretrained'] - pixels):+.1f} points"])
+                 f"{100 * (tuned['pretrained'] - pixels):+.1f} points",
+                 f"segmentation: pretrained vs random init {100 * (seg['probe']['results']['pretrained']['miou'] - seg['probe']['results']['random init']['miou']):+.1f} "
+                 f"points of mIoU frozen, {100 * (seg['finetune']['results']['pretrained']['miou'] - seg['finetune']['results']['random init']['miou']):+.1f} fine-tuned"])
 
 
 @app.command()

@@ -286,6 +286,7 @@ class ProbeConfig(Section):
     hflip: bool = Field(False, description="Segmentation probe: random horizontal flips (then features are computed every step instead of cached).")
     crop_scale: tuple[float, float] = Field((1.0, 1.0), description="Segmentation probe: scale jitter, random crops of this range of the frame's area ([1, 1]: none, features cached).")
     checkpoint: str = Field("", description="Encoder to probe (default: the pretraining run's latest checkpoint).")
+    run: str = Field("probe", min_length=1, description="Folder for the probe's report and pictures, inside the pretraining run folder.")
     pool: Literal["cls", "mean"] = Field("cls", description="Feature: the class token (the MAE protocol) or the mean of the patch tokens.")
     epochs: int = Field(100, gt=0, description="Linear-probe epochs over the cached features.")
     lr: float = Field(1e-3, gt=0, description="Linear-probe AdamW learning rate (cosine to 0, no weight decay).")

@@ -127,7 +127,7 @@ def run_probe(cfg: MaecliConfig, *, checkpoint: str | None = None, baselines: tu
         encoders["random init"] = random_encoder(arch, cfg.project.seed)
     if "pixels" in baselines:
         encoders["raw pixels"] = None
-    out_dir = cfg.run_dir / "probe"
+    out_dir = cfg.run_dir / cfg.probe.run
     out_dir.mkdir(parents=True, exist_ok=True)
     report = dict(checkpoint=str(path), task="segmentation" if data.dense else "classification", classes=data.classes,
                   train_images=len(data.train_x), val_images=len(data.val_x), device=str(device), notes=notes, report=str(out_dir / "report.json"))

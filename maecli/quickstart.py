@@ -1,9 +1,11 @@
 """`maecli quickstart`: the whole lifecycle on built-in synthetic dashcam video, offline, in minutes on a CPU.
 
-Generates driving clips and a labeled still set (road curving left / straight / right), writes a project
-file sized for the machine, then runs extract -> pretrain -> visualize -> export -> probe (against a random-init
-encoder and the raw pixels) -> finetune (against a random-init encoder). Every stage resumes, so running it again
-continues where it stopped. The results table is also written to `results.md`, the file the README quotes.
+Generates driving clips, a labeled still set (road curving left / straight / right) and a segmentation set (stills
+labeled per pixel: sky, grass, road, shoulder, lane marking, pole, tree, car), writes a project file sized for the
+machine, then runs extract -> pretrain -> visualize -> export -> probe (against a random-init encoder and the raw
+pixels) -> finetune (against a random-init encoder), and the probe and fine-tuning again on the segmentation set
+(`probe.run` / `finetune.run` "*-segmentation"). Every stage resumes, so running it again continues where it
+stopped. The results tables are also written to `results.md`, the file the README quotes.
 """
 
 from pathlib import Path
@@ -18,7 +20,7 @@ from maecli.extract import run_extract
 from maecli.files import write_text
 from maecli.finetune import run_finetune
 from maecli.probe import run_probe
-from maecli.synthetic import generate_clips, generate_labeled
+from maecli.synthetic import generate_clips, generate_labeled, generate_segmentation
 from maecli.train import pretrain
 from maecli.visualize import run_visualize
 
@@ -27,6 +29,8 @@ PROJECT = """\
 # Edit and run `maecli quickstart` again (it continues), or run the stages one by one:
 #   maecli extract; maecli pretrain; maecli visualize; maecli export encoder;
 #   maecli probe --baseline random --baseline pixels; maecli finetune --baseline random
+# and per pixel (segmentation): add --set probe.train=segmentation/train --set probe.val=segmentation/val
+#   --set probe.run=probe-segmentation (finetune: --set finetune.run=finetune-segmentation) to probe and finetune
 
 [project]
 name = "quickstart"
@@ -90,28 +94,37 @@ def quickstart(folder: Path, *, overrides: list[str], clips: int = 16, per_class
     folder.mkdir(parents=True, exist_ok=True)
     say = console.print if console is not None else (lambda *a, **k: None)
 
-    say(f"[bold]1/7 generating[/] {clips} synthetic dashcam clips and {3 * per_class} + {3 * (per_class // 2)} labeled stills in {folder}")
+    seg = max(4, (per_class + 1) // 2)  # segmentation frames: 200 train + 100 val by default
+    say(f"[bold]1/8 generating[/] {clips} synthetic dashcam clips, {3 * per_class} + {3 * (per_class // 2)} labeled stills and {2 * seg} + {seg} "
+        f"stills labeled per pixel in {folder}")
     generate_clips(folder / "videos", count=clips, seconds=12.0, fps=10, seed=0)
     generate_labeled(folder / "labeled" / "train", per_class=per_class, seed=1)
     generate_labeled(folder / "labeled" / "val", per_class=per_class // 2, seed=2)
+    generate_segmentation(folder / "segmentation" / "train", count=2 * seg, seed=3)
+    generate_segmentation(folder / "segmentation" / "val", count=seg, seed=4)
     cfg = load_config(write_project(folder), overrides)
+    seg_cfg = load_config(folder / CONFIG_NAME, [*overrides, "probe.train=segmentation/train", "probe.val=segmentation/val",
+                                                 "probe.run=probe-segmentation", "finetune.run=finetune-segmentation"])
 
-    say("[bold]2/7 extract[/]: videos -> frame store")
+    say("[bold]2/8 extract[/]: videos -> frame store")
     extracted = run_extract(cfg.extract, console=console)
-    say("[bold]3/7 pretrain[/]: masked autoencoder on the train frames")
+    say("[bold]3/8 pretrain[/]: masked autoencoder on the train frames")
     trained = pretrain(cfg, console=console)
-    say("[bold]4/7 visualize[/]: reconstructions of validation frames")
+    say("[bold]4/8 visualize[/]: reconstructions of validation frames")
     shown = run_visualize(cfg, [])
-    say("[bold]5/7 export[/]: the encoder for timm")
+    say("[bold]5/8 export[/]: the encoder for timm")
     exported = export_encoder(cfg, checkpoint=None, fmt="timm", out=None)
-    say("[bold]6/7 probe[/]: road curvature (left / straight / right) from frozen features, against a random-init encoder and the raw pixels")
+    say("[bold]6/8 probe[/]: road curvature (left / straight / right) from frozen features, against a random-init encoder and the raw pixels")
     probed = run_probe(cfg, baselines=("random", "pixels"))
-    say("[bold]7/7 finetune[/]: the same labels, encoder trained end to end, against a random-init encoder")
+    say("[bold]7/8 finetune[/]: the same labels, encoder trained end to end, against a random-init encoder")
     tuned = run_finetune(cfg, baselines=("random",), console=console)
-    table = results_table(probed, tuned)
+    say("[bold]8/8 segmentation[/]: the same encoder judged per pixel (road, lane marking, car, pole, ...), frozen and fine-tuned")
+    seg_probed = run_probe(seg_cfg, baselines=("random", "pixels"))
+    seg_tuned = run_finetune(seg_cfg, baselines=("random",), console=console)
+    table = results_table(probed, tuned) + "\n" + segmentation_table(seg_probed, seg_tuned)
     write_text(folder / "results.md", table)
     return dict(folder=str(folder), config=str(folder / CONFIG_NAME), store=extracted, pretrain=trained, visualize=shown, export=exported, probe=probed,
-                finetune=tuned, table=table, results=str(folder / "results.md"))
+                finetune=tuned, segmentation=dict(probe=seg_probed, finetune=seg_tuned), table=table, results=str(folder / "results.md"))
 
 
 def results_table(probed: dict[str, Any], tuned: dict[str, Any]) -> str:
@@ -121,4 +134,14 @@ def results_table(probed: dict[str, Any], tuned: dict[str, Any]) -> str:
     for name, r in probed["results"].items():
         tuned_top1 = f"{100 * tuned['results'][name]['top1']:.1f}%" if name in tuned["results"] else "-"
         lines.append(f"| {name} | {100 * r['linear']['top1']:.1f}% | {100 * r['knn']['top1']:.1f}% | {tuned_top1} |")
+    return "\n".join(lines) + "\n"
+
+
+def segmentation_table(probed: dict[str, Any], tuned: dict[str, Any]) -> str:
+    """The segmentation results as a Markdown table: mIoU of the frozen-encoder probe and after fine-tuning."""
+    lines = [f"| encoder (segmentation, {len(probed['classes'])} classes) | frozen probe mIoU | pixel accuracy | "
+             f"fine-tuned mIoU ({tuned['recipe']['epochs']} epochs) |", "|---|---:|---:|---:|"]
+    for name, r in probed["results"].items():
+        tuned_miou = f"{100 * tuned['results'][name]['miou']:.1f}%" if name in tuned["results"] else "-"
+        lines.append(f"| {name} | {100 * r['miou']:.1f}% | {100 * r['pixel_acc']:.1f}% | {tuned_miou} |")
     return "\n".join(lines) + "\n"

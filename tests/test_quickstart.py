@@ -10,7 +10,7 @@ import typer
 from PIL import Image
 
 from maecli.cli import app
-from maecli.synthetic import CURVES, generate_clips, generate_labeled
+from maecli.synthetic import CURVES, SEG_CLASSES, generate_clips, generate_labeled, generate_segmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--clips", "2", "--per-class", "6", "--set", "model.embed_dim=32", "--set", "model.depth=1", "--set", "model.num_heads=2",
@@ -64,15 +64,23 @@ def test_shortened_quickstart_produces_every_artifact_and_continues(runner, tmp_
     qs = tmp_path / "qs"
     for path in [s["config"], s["pretrain"]["checkpoint"], s["pretrain"]["loss_curve"], s["pretrain"]["snapshot"], s["visualize"]["image"],
                  s["export"]["path"], s["export"]["spec"], s["probe"]["report"], s["probe"]["results"]["pretrained"]["confusion_png"],
-                 s["finetune"]["report"], s["finetune"]["curves_png"], s["finetune"]["results"]["pretrained"]["classifier"]]:
+                 s["finetune"]["report"], s["finetune"]["curves_png"], s["finetune"]["results"]["pretrained"]["classifier"],
+                 s["segmentation"]["probe"]["predictions_png"], s["segmentation"]["probe"]["iou_png"],
+                 s["segmentation"]["finetune"]["results"]["pretrained"]["segmenter"], s["segmentation"]["finetune"]["results"]["pretrained"]["predictions_png"]]:
         assert Path(path).stat().st_size > 0, path
     assert len(list((qs / "videos").glob("*.mp4"))) == 2 and s["store"]["frames"]["train"] + s["store"]["frames"]["val"] > 0
     assert set(s["probe"]["results"]) == {"pretrained", "random init", "raw pixels"} and s["probe"]["classes"] == sorted(CURVES)
     assert set(s["finetune"]["results"]) == {"pretrained", "random init"} and s["finetune"]["results"]["pretrained"]["steps"] == 2  # 18 stills, batch 8
-    rows = (qs / "results.md").read_text().splitlines()
-    assert rows == s["table"].splitlines() and [r.split(" | ")[0] for r in rows[2:]] == ["| pretrained", "| random init", "| raw pixels"]
+    assert (qs / "results.md").read_text() == s["table"]
+    rows, seg_rows = [t.splitlines() for t in s["table"].split("\n\n")]
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| pretrained", "| random init", "| raw pixels"]
     ft = s["finetune"]["results"]["pretrained"]["top1"]
     assert rows[2].endswith(f" {100 * ft:.1f}% |") and rows[4].endswith(" - |")  # the pixels are not fine-tuned
+    seg = s["segmentation"]
+    assert seg["probe"]["task"] == "segmentation" and seg["probe"]["classes"] == list(SEG_CLASSES) and seg["probe"]["train_images"] == 8
+    assert [r.split(" | ")[0] for r in seg_rows[2:]] == ["| pretrained", "| random init", "| raw pixels", "| majority class"]
+    assert seg_rows[2].endswith(f" {100 * seg['finetune']['results']['pretrained']['miou']:.1f}% |") and seg_rows[5].endswith(" - |")
+    assert (qs / "runs" / "pretrain" / "probe" / "report.json").exists() and (qs / "runs" / "pretrain" / "probe-segmentation" / "report.json").exists()
     assert s["pretrain"]["steps"] == 4
     mtimes = {p: p.stat().st_mtime_ns for p in (qs / "videos").iterdir()}
     again = runner.invoke(app, ["quickstart", str(qs), *SMALL, "--json"])
@@ -82,6 +90,7 @@ def test_shortened_quickstart_produces_every_artifact_and_continues(runner, tmp_
     assert {p: p.stat().st_mtime_ns for p in (qs / "videos").iterdir()} == mtimes
     text = runner.invoke(app, ["quickstart", str(qs), *SMALL])
     assert text.exit_code == 0 and "pretraining gain over a random-init encoder" in text.stderr and "linear probe top-1" in text.stderr
+    assert "segmentation: pretrained vs random init" in text.stderr
 
 
 def fresh_machine_commands() -> list[str]:
@@ -108,10 +117,33 @@ def test_readme_quotes_a_quickstart_table():
     shape (the header `results_table` writes, one row per encoder), so the CI comparison is of numbers only."""
     import runpy
 
-    from maecli.quickstart import results_table
+    from maecli.quickstart import results_table, segmentation_table
 
-    quoted = runpy.run_path(str(ROOT / ".ci" / "quickstart_table.py"))["quoted"]((ROOT / "README.md").read_text()).splitlines()
+    quoted = runpy.run_path(str(ROOT / ".ci" / "quickstart_table.py"))["quoted"]((ROOT / "README.md").read_text()).split("\n\n")
     probed = {"k": 20, "results": {name: {"linear": {"top1": 0.5}, "knn": {"top1": 0.5}} for name in ("pretrained", "random init", "raw pixels")}}
     tuned = {"recipe": {"epochs": 10}, "results": {name: {"top1": 0.5} for name in ("pretrained", "random init")}}
-    shape = results_table(probed, tuned).splitlines()
-    assert quoted[:2] == shape[:2] and [r.split(" | ")[0] for r in quoted[2:]] == [r.split(" | ")[0] for r in shape[2:]]
+    seg_probed = {"classes": list(SEG_CLASSES), "results": {name: {"miou": 0.5, "pixel_acc": 0.5} for name in ("pretrained", "random init", "raw pixels", "majority class")}}
+    seg_tuned = {"recipe": {"epochs": 10}, "results": {name: {"miou": 0.5} for name in ("pretrained", "random init")}}
+    assert len(quoted) == 2
+    for table, shape in zip(quoted, (results_table(probed, tuned), segmentation_table(seg_probed, seg_tuned)), strict=True):
+        table, shape = table.splitlines(), shape.splitlines()
+        assert table[:2] == shape[:2] and [r.split(" | ")[0] for r in table[2:]] == [r.split(" | ")[0] for r in shape[2:]]
+
+
+def test_segmentation_stills_label_what_they_show(tmp_path):
+    """Per-pixel labels: deterministic, every class of the world present over a few frames, the sky on top and the
+    road at the bottom centre, and the lane paint where the pixels are white."""
+    assert generate_segmentation(tmp_path / "a", count=6, seed=3) == 6
+    generate_segmentation(tmp_path / "b", count=6, seed=3)
+    masks = []
+    for i in range(6):
+        for kind in ("images", "masks"):
+            assert (tmp_path / "a" / kind / f"{i:05d}.png").read_bytes() == (tmp_path / "b" / kind / f"{i:05d}.png").read_bytes()
+        img = np.asarray(Image.open(tmp_path / "a" / "images" / f"{i:05d}.png")).astype(int)
+        mask = np.asarray(Image.open(tmp_path / "a" / "masks" / f"{i:05d}.png"))
+        assert mask.shape == img.shape[:2] == (96, 192) and mask[0, 96] == SEG_CLASSES.index("sky") and mask[-1, 96] == SEG_CLASSES.index("road")
+        paint = mask == SEG_CLASSES.index("lane marking")
+        assert paint.any() and img[paint].mean() > img[mask == SEG_CLASSES.index("road")].mean() + 60  # paint is bright, asphalt dark
+        masks.append(mask)
+    assert set(np.unique(np.stack(masks)).tolist()) == set(range(len(SEG_CLASSES)))
+    assert (tmp_path / "a" / "classes.csv").read_text().splitlines()[:2] == ["class_id,name,r,g,b", "0,sky,70,130,180"]
