@@ -106,15 +106,14 @@ def train_head(features: Features, data: Labeled, cfg: Any, device: torch.device
     head.train()
     for step in range(total):
         epoch, pos = divmod(step, steps_per_epoch)
-        idx = torch.from_numpy(np.random.default_rng([seed, 9, epoch]).permutation(n)[pos * batch : (pos + 1) * batch])  # (B,)
+        idx = torch.from_numpy(np.random.default_rng([seed, 9, epoch]).permutation(n)[pos * batch : (pos + 1) * batch]).to(device)  # (B,)
         if train_f is not None:
-            f, y = train_f[idx.to(device)], train_y[idx.to(device)]  # (B, F, gh, gw), (B, h, w)
+            f, y = train_f[idx], train_y[idx]  # (B, F, gh, gw), (B, h, w)
         else:
-            theta = torch.from_numpy(crop_boxes(np.random.default_rng([seed, 10, step]), len(idx), size, size, pc.crop_scale, pc.hflip))  # (B, 2, 3)
-            frames = data.train_x[idx].to(device)
+            theta = torch.from_numpy(crop_boxes(np.random.default_rng([seed, 10, step]), batch, size, size, pc.crop_scale, pc.hflip))  # (B, 2, 3)
             with torch.no_grad(), autocast_for(device):
-                f = features(augment(frames, theta, size)).float()
-            y = resized_crop_masks(train_y[idx.to(device)], theta, size)
+                f = features(augment(data.train_x[idx.cpu()].to(device), theta, size)).float()
+            y = resized_crop_masks(train_y[idx], theta, size)
         for group in opt.param_groups:
             group["lr"] = get_lr(step, total=total, warmup=round(WARMUP * total), lr=pc.lr, min_lr=0.0)
         logits = F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)  # (B, C, h, w)

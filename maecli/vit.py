@@ -73,8 +73,9 @@ def segmenter(encoder: MaskedAutoencoder, arch: dict[str, Any], num_classes: int
 
     model = VisionTransformer(**{**timm_spec({**arch, "img_size": list(size)}, num_classes, dense=True)["kwargs"], "drop_path_rate": drop_path})
     state = encoder_state_dict(encoder)
-    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.patch_embed.grid_size),
-                                                old_size=list(encoder.grid_size), num_prefix_tokens=1)
+    if tuple(model.patch_embed.grid_size) != tuple(encoder.grid_size):
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.patch_embed.grid_size),
+                                                    old_size=list(encoder.grid_size), num_prefix_tokens=1)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert set(missing) <= {"head.weight", "head.bias"} and not unexpected, f"encoder keys do not fit timm's ViT: {missing} {unexpected}"
     if num_classes:
