@@ -66,7 +66,7 @@ checkpoint_every = 5
 
 [compare]
 methods = ["mae", "simclr"]
-budget = "8m"
+budget_steps = {steps}
 finetune_epochs = 30
 """
 

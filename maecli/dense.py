@@ -72,7 +72,7 @@ def encoder_features(backbone: nn.Module, layers: int) -> Features:
     return lambda x: torch.cat(backbone.get_intermediate_layers(x, n=layers, reshape=True, norm=True), dim=1)  # (B, layers * D, gh, gw)
 
 
-def pixel_features(patch_size: int) -> Features:
+def pixel_tokens(patch_size: int) -> Features:
     """The floor: each patch's normalized pixels as its token, (B, 3 * p * p, gh, gw)."""
     return lambda x: F.pixel_unshuffle(x, patch_size)
 

@@ -21,7 +21,7 @@ from maecli.segmentation import Classes, is_segmentation, load_segmentation
 class Labeled:
     """The labeled set in memory: uint8 images (N, h, w, 3) at the input size and their targets, class names.
     Classification: labels (N,). Segmentation (`dense`): training masks (N, h, w) at the input size, validation masks
-    at their own resolution (a list of uint8 (H, W)), the val files and the palette / ignore index (`seg`)."""
+    at their own resolution (a list of uint8 (H, W)), and the palette / ignore index (`seg`)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -29,7 +29,6 @@ class Labeled:
     val_y: torch.Tensor | list[torch.Tensor]
     classes: list[str]
     seg: Classes | None = None
-    val_paths: list[Path] | None = None
 
     @property
     def dense(self) -> bool:
@@ -52,8 +51,8 @@ def input_size(cfg: MaecliConfig, img_size: tuple[int, int], patch_size: int) ->
 def load_labeled(cfg: MaecliConfig, size: tuple[int, int], notes: list[str]) -> Labeled:
     """[probe] train / val in memory at `size` (`input_size`), whichever kind they are."""
     if is_dense(cfg):
-        s = load_segmentation(cfg, size, notes)
-        return Labeled(s.train_x, s.train_y, s.val_x, s.val_y, s.classes.names, seg=s.classes, val_paths=s.val_paths)
+        train_x, train_y, val_x, val_y, classes = load_segmentation(cfg, size, notes)
+        return Labeled(train_x, train_y, val_x, val_y, classes.names, seg=classes)
     if cfg.probe.val and is_segmentation(cfg.probe.val):
         raise ConfigError(f"probe.val: {cfg.probe.val} is a segmentation set (images/ and masks/), probe.train is not")
     train_items, val_items, classes = labeled_split(cfg, notes)

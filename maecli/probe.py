@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from maecli.config import MaecliConfig
 from maecli.data import to_input
-from maecli.dense import Features, encoder_features, probe_dense
-from maecli.dense import pixel_features as pixel_tokens
+from maecli.dense import Features, encoder_features, pixel_tokens, probe_dense
 from maecli.device import autocast_for
 from maecli.errors import ConfigError
 from maecli.figures import plot_confusion, plot_iou, save_segmentations

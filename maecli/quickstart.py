@@ -30,7 +30,8 @@ PROJECT = """\
 #   maecli extract; maecli pretrain; maecli visualize; maecli export encoder;
 #   maecli probe --baseline random --baseline pixels; maecli finetune --baseline random
 # and per pixel (segmentation): add --set probe.train=segmentation/train --set probe.val=segmentation/val
-#   --set probe.run=probe-segmentation (finetune: --set finetune.run=finetune-segmentation) to probe and finetune
+#   --set probe.run=probe-segmentation (finetune: --set finetune.run=finetune-segmentation --set finetune.batch_size=32
+#   --set finetune.epochs=20) to probe and finetune
 
 [project]
 name = "quickstart"
@@ -103,8 +104,10 @@ def quickstart(folder: Path, *, overrides: list[str], clips: int = 16, per_class
     generate_segmentation(folder / "segmentation" / "train", count=2 * seg, seed=3)
     generate_segmentation(folder / "segmentation" / "val", count=seg, seed=4)
     cfg = load_config(write_project(folder), overrides)
+    # 200 frames at batch 64 are 3 steps an epoch: fine-tuning on them takes batches of 32 for twice the epochs (120 steps)
     seg_cfg = load_config(folder / CONFIG_NAME, [*overrides, "probe.train=segmentation/train", "probe.val=segmentation/val",
-                                                 "probe.run=probe-segmentation", "finetune.run=finetune-segmentation"])
+                                                 "probe.run=probe-segmentation", "finetune.run=finetune-segmentation",
+                                                 f"finetune.batch_size={min(32, cfg.finetune.batch_size)}", f"finetune.epochs={2 * cfg.finetune.epochs}"])
 
     say("[bold]2/8 extract[/]: videos -> frame store")
     extracted = run_extract(cfg.extract, console=console)

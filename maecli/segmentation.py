@@ -205,22 +205,10 @@ def seg_scores(confusion: torch.Tensor, classes: list[str]) -> dict[str, Any]:
 # --- the split ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Split:
-    """A segmentation set in memory: uint8 images (N, h, w, 3) at the input size, training masks (N, h, w) at the
-    input size, validation masks at their own resolution (uint8 (H, W) each), the val files, the classes."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: list[torch.Tensor]
-    val_paths: list[Path]
-    classes: Classes
-
-
-def load_segmentation(cfg: Any, size: tuple[int, int], notes: list[str]) -> Split:
-    """[probe] train / val as segmentation frames at `size`. val: the val folder, else a val_fraction of the train frames drawn by the seed; `frames` > 0
-    keeps that many training frames (few labels)."""
+def load_segmentation(cfg: Any, size: tuple[int, int], notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], Classes]:
+    """[probe] train / val in memory: uint8 images (N, h, w, 3) at `size`, training masks (N, h, w) at `size`, val
+    images, val masks at their own resolution (uint8 (H, W) each), and the classes. val: the val folder, else a
+    val_fraction of the train frames drawn by the seed; `frames` > 0 keeps that many training frames (few labels)."""
     pc = cfg.probe
     for name in ("train", "val"):
         folder = getattr(pc, name)
@@ -271,6 +259,5 @@ def load_segmentation(cfg: Any, size: tuple[int, int], notes: list[str]) -> Spli
     labeled = labeled[labeled != pc.ignore_index]
     if len(labeled) < 2:
         raise ConfigError(f"probe.train: the training masks hold {len(labeled)} class{'es' * (len(labeled) != 1)}; a probe needs at least two")
-    return Split(train_x=torch.from_numpy(np.stack(train[0])), train_y=torch.from_numpy(np.stack([resize_mask(m, size) for m in train[1]])),
-                 val_x=torch.from_numpy(np.stack(read["val"][0])), val_y=[torch.from_numpy(m.astype(np.uint8)) for m in read["val"][1]],
-                 val_paths=[image for image, _ in read["val"][2]], classes=classes)
+    return (torch.from_numpy(np.stack(train[0])), torch.from_numpy(np.stack([resize_mask(m, size) for m in train[1]])),
+            torch.from_numpy(np.stack(read["val"][0])), [torch.from_numpy(m.astype(np.uint8)) for m in read["val"][1]], classes)

@@ -183,3 +183,22 @@ def test_finetuned_segmenter_reloads_in_timm_and_reproduces_its_miou(runner, tra
     assert table.exit_code == 0 and "segmentation, fine-tuned (all blocks, 3 epochs)" in " ".join(table.stderr.split()) and "then logits = " in table.stderr
     mixed = runner.invoke(app, ["finetune", "-c", str(config), "--set", "finetune.mixup=0.8"])
     assert mixed.exit_code == 2 and mixed.stderr == "finetune.mixup: mixes whole images' labels; a segmentation set has per-pixel labels (set it to 0)\n"
+
+
+def test_masks_are_cropped_and_flipped_with_their_images():
+    """The same crops on a frame and its mask: where the crop lands inside one block, the pixel's colour (a block's
+    class) and the cropped mask agree, flips included."""
+    from maecli.data import crop_boxes, resized_crop, resized_crop_masks
+
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 3, (8, 8))
+    mask = torch.from_numpy(np.kron(classes, np.ones((8, 8), dtype=np.int64)).astype(np.uint8))  # (64, 64)
+    frames = torch.from_numpy(np.array(list(PALETTE.values()), np.uint8)[mask.numpy()])[None].expand(16, -1, -1, -1)  # (16, 64, 64, 3)
+    theta = torch.from_numpy(crop_boxes(np.random.default_rng(1), 16, (64, 64), (32, 32), (0.3, 1.0), hflip=True))
+    assert (theta[:, 0, 0] < 0).any() and (theta[:, 0, 0] > 0).any()  # both flipped and unflipped crops
+    pixels = resized_crop(frames, theta, (32, 32))  # (16, 3, 32, 32) in [0, 1]
+    cropped = resized_crop_masks(mask[None].expand(16, -1, -1), theta, (32, 32))  # (16, 32, 32)
+    colours = torch.tensor(list(PALETTE.values())).float().div(255)  # (3, 3)
+    nearest = ((pixels[:, :, None] - colours.T.reshape(1, 3, 3, 1, 1)) ** 2).sum(1).argmin(1)  # (16, 32, 32): the closest class colour
+    pure = ((pixels[:, :, None] - colours.T.reshape(1, 3, 3, 1, 1)) ** 2).sum(1).min(1).values < 1e-6  # pixels not blended across a border
+    assert pure.float().mean() > 0.5 and torch.equal(nearest[pure], cropped[pure].long())
