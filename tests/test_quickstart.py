@@ -123,7 +123,7 @@ def test_readme_quotes_a_quickstart_table():
     probed = {"k": 20, "results": {name: {"linear": {"top1": 0.5}, "knn": {"top1": 0.5}} for name in ("pretrained", "random init", "raw pixels")}}
     tuned = {"recipe": {"epochs": 10}, "results": {name: {"top1": 0.5} for name in ("pretrained", "random init")}}
     seg_probed = {"classes": list(SEG_CLASSES), "results": {name: {"miou": 0.5, "pixel_acc": 0.5} for name in ("pretrained", "random init", "raw pixels", "majority class")}}
-    seg_tuned = {"recipe": {"epochs": 10}, "results": {name: {"miou": 0.5} for name in ("pretrained", "random init")}}
+    seg_tuned = {"recipe": {"epochs": 20}, "results": {name: {"miou": 0.5} for name in ("pretrained", "random init")}}
     assert len(quoted) == 2
     for table, shape in zip(quoted, (results_table(probed, tuned), segmentation_table(seg_probed, seg_tuned)), strict=True):
         table, shape = table.splitlines(), shape.splitlines()
