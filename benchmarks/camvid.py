@@ -66,8 +66,7 @@ checkpoint_every = 5
 
 [compare]
 methods = ["mae", "simclr"]
-budget_steps = {steps}
-finetune_epochs = 30
+budget_steps = {half}   # half the pretraining run's steps of MAE; SimCLR gets the same FLOPs
 """
 
 
@@ -86,7 +85,7 @@ def main() -> None:
         print(f"camvid_video/{drive}.mp4: {len(images)} frames at 1 fps")
     clips = len(list((data / "driving_video").glob("*.mp4")))
     (work / "maecli.toml").write_text(PROJECT.format(clips=clips, driving=data / "driving_video", data=data, steps=args.steps,
-                                                      warmup=args.steps // 20, every=args.steps // 8))
+                                                      warmup=args.steps // 20, every=args.steps // 8, half=args.steps // 2))
     print(f"wrote {work / 'maecli.toml'}")
 
 
