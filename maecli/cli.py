@@ -290,7 +290,8 @@ def probe(
     baseline: Annotated[list[str] | None, typer.Option("--baseline", help="Also probe 'random' (a random-init encoder of the same shape) or 'pixels' (the input pixels); repeatable.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Linear-probe and k-NN accuracy of the frozen encoder on a labeled image folder ([probe] train / val)."""
+    """Judge the frozen encoder on the labeled set ([probe] train / val): linear-probe and k-NN accuracy on a class
+    folder, or segmentation mIoU (a linear head on the patch tokens) on images/ + masks/."""
     from maecli.probe import BASELINES, run_probe
 
     report = run_probe(load_config(config, set_ or []), checkpoint=checkpoint, baselines=chosen_baselines(baseline, BASELINES))
@@ -316,7 +317,8 @@ def finetune(
     restart: Annotated[bool, typer.Option("--restart", help="Delete these fine-tuning runs and start over.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Fine-tune the encoder with a linear head on the labeled set ([probe] train / val, recipe in [finetune]); resumes."""
+    """Fine-tune the encoder with a linear head (on the class token, or on every patch token for segmentation) on the
+    labeled set ([probe] train / val, recipe in [finetune]); resumes."""
     from maecli.finetune import BASELINES, run_finetune
 
     report = run_finetune(load_config(config, set_ or []), checkpoint=checkpoint, baselines=chosen_baselines(baseline, BASELINES), restart=restart,

@@ -7,6 +7,11 @@ memory (few labels: a few thousand small images). `blocks = N` trains only the l
 the head (partial fine-tuning; 0: the head alone). `--baseline random` runs the same recipe and budget from a
 random-init encoder of the same shape.
 
+On a segmentation set the head is linear on every patch token instead (Segmenter's linear decoder, `vit.segmenter`)
+at the set's input size; each mask is cropped (and flipped) with its image, the loss is the per-pixel cross-entropy
+over the labeled pixels of all ranks (no label smoothing, no mixing), and the scores are mIoU and its kin
+(`maecli.dense.evaluate`).
+
 Every random choice is a function of (seed, step): the epoch's order (`data.Plan`), each sample's crop, the mixing,
 drop path. Every `checkpoint_every` epochs a run evaluates on val (a point of the learning curves) and writes a
 checkpoint; a killed run resumes from its last checkpoint bit for bit (on the CPU). The reported accuracy is the
@@ -33,10 +38,10 @@ from maecli import __version__
 from maecli.checkpoint import canonical_arch, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig
 from maecli.data import Plan, augment, crop_boxes, resized_crop_masks, to_input
-from maecli.device import autocast_for, compile_mode, precision
-from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
 from maecli.dense import evaluate as evaluate_dense
 from maecli.dense import shown_frames
+from maecli.device import autocast_for, compile_mode, precision
+from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
 from maecli.figures import plot_confusion, plot_curves, plot_iou, save_segmentations
 from maecli.files import append_line, atomic_write, keep_lines, owned, read_lines, write_json
 from maecli.inference import load_for_inference, random_encoder
