@@ -212,12 +212,16 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
                 with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                     queue = manager.Queue()
                     running = {pool.submit(_safe_extract, job, root, cfg, threads, partial(_put, queue)): job for job in todo}
-                    while running:
-                        finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
-                        while not queue.empty():
-                            count(queue.get())
-                        for future in finished:
-                            finish(running.pop(future), future.result())
+                    try:
+                        while running:
+                            finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+                            while not queue.empty():
+                                count(queue.get())
+                            for future in finished:
+                                finish(running.pop(future), future.result())
+                    except KeyboardInterrupt:  # the videos in flight finish and are recorded; the queued ones never start
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted after {len(records)} of {len(todo)} videos; run the same command again to resume") from None
 
