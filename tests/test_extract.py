@@ -194,7 +194,10 @@ def test_interrupted_run_resumes_to_the_same_store(runner, tmp_path, long_clips,
     run(runner, project(tmp_path / "ref", **settings), long_clips)
     config = project(tmp_path, **settings)
     cmd = [sys.executable, "-m", "maecli", "extract", "-c", str(config), str(long_clips)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches Python as KeyboardInterrupt only if SIGINT was not ignored when it started, and a shell's
+    # background job (`bash .ci/run &`) starts with it ignored: the child gets the default handling back
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     records = tmp_path / "frames" / "videos"
     deadline = time.monotonic() + 60
     while not (records.is_dir() and any(records.glob("*.json"))) and time.monotonic() < deadline:
