@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from maecli.data import augment, crop_boxes, resized_crop_masks, to_input
 from maecli.device import autocast_for
+from maecli.inputs import evenly
 from maecli.labeled import Labeled
 from maecli.loop import get_lr
 from maecli.segmentation import confusion_of, seg_scores
@@ -63,7 +64,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], data: Labeled, dev
 
 def shown_frames(n: int) -> list[int]:
     """The validation frames pictures show: `SHOWN` of them, evenly spaced."""
-    return sorted(set(np.linspace(0, n - 1, min(SHOWN, n)).round().astype(int).tolist()))
+    return evenly(n, SHOWN).tolist()
 
 
 def encoder_features(backbone: nn.Module, layers: int) -> Features:
@@ -94,8 +95,7 @@ def train_head(features: Features, data: Labeled, cfg: Any, device: torch.device
     size, augmenting = tuple(data.train_x.shape[1:3]), pc.hflip or pc.crop_scale != (1.0, 1.0)
     train_y = data.train_y.to(device)  # (N, h, w) uint8
     train_f = None if augmenting else cached(features, data.train_x, device)  # (N, F, gh, gw)
-    with torch.no_grad(), autocast_for(device):
-        dim = features(to_input(data.train_x[:1].to(device))).shape[1]
+    dim = (train_f if train_f is not None else cached(features, data.train_x[:1], device)).shape[1]
     torch.manual_seed(seed)
     head = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, C, kernel_size=1)).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=pc.lr, weight_decay=WEIGHT_DECAY)

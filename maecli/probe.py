@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from maecli.config import MaecliConfig
 from maecli.data import to_input
-from maecli.dense import Features, encoder_features, pixel_tokens, probe_dense
-from maecli.device import autocast_for
+from maecli.dense import Features, cached, encoder_features, pixel_tokens, probe_dense
 from maecli.errors import ConfigError
 from maecli.figures import plot_confusion, plot_iou, save_segmentations
 from maecli.files import write_json
@@ -33,13 +32,9 @@ from maecli.vit import segmenter
 
 @torch.no_grad()
 def embed(model: MaskedAutoencoder, images: torch.Tensor, pool: str, device: torch.device, batch: int = 256) -> torch.Tensor:
+    """Pooled features (N, D) on the CPU of uint8 images (N, h, w, 3), computed once (`dense.cached`)."""
     model = model.to(device).eval()
-    autocast = autocast_for(device)
-    feats = []
-    for chunk in images.split(batch):
-        with autocast:
-            feats.append(pool_features(model.forward_features(to_input(chunk.to(device))), pool).float().cpu())
-    return torch.cat(feats)  # (N, D)
+    return cached(lambda x: pool_features(model.forward_features(x), pool), images, device, batch).cpu()
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, num_classes: int, *, epochs: int, lr: float,
