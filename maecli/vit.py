@@ -54,30 +54,30 @@ def classifier(encoder: MaskedAutoencoder, arch: dict[str, Any], num_classes: in
     """timm's VisionTransformer holding `encoder`'s weights (position embeddings included, trainable from here on, as
     in MAE fine-tuning), stochastic depth `drop_path`, and a fresh linear head on the class token (trunc-normal,
     std 2e-5, as the official fine-tuning initialises it)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    model = VisionTransformer(**{**timm_spec(arch, num_classes)["kwargs"], "drop_path_rate": drop_path})
-    missing, unexpected = model.load_state_dict(encoder_state_dict(encoder), strict=False)
-    assert set(missing) == {"head.weight", "head.bias"} and not unexpected, f"encoder keys do not fit timm's ViT: {missing} {unexpected}"
-    nn.init.trunc_normal_(model.head.weight, std=2e-5)
-    nn.init.zeros_(model.head.bias)
-    return model
+    return with_head(encoder, arch, num_classes, tuple(encoder.img_size), dense=False, drop_path=drop_path)
 
 
 def segmenter(encoder: MaskedAutoencoder, arch: dict[str, Any], num_classes: int, size: tuple[int, int], *, drop_path: float = 0.0) -> nn.Module:
-    """timm's VisionTransformer at input `size` holding `encoder`'s weights (position embeddings resampled bicubically
-    to the new grid when the size differs), with no pooling: `model(x)` is (N, 1 + L, num_classes), a linear head on
-    every token (Segmenter's linear decoder; `dense_logits` makes it a map); num_classes 0: the normalized tokens."""
+    """As `classifier`, at input `size` (position embeddings resampled bicubically to the new grid when the size
+    differs) and with no pooling: `model(x)` is (N, 1 + L, num_classes), a linear head on every token (Segmenter's
+    linear decoder; `dense_logits` makes it a map); num_classes 0: the normalized tokens."""
+    return with_head(encoder, arch, num_classes, size, dense=True, drop_path=drop_path)
+
+
+def with_head(encoder: MaskedAutoencoder, arch: dict[str, Any], num_classes: int, size: tuple[int, int], *, dense: bool, drop_path: float) -> nn.Module:
+    """timm's ViT at `size` with `encoder`'s weights and a fresh head of `num_classes` (none for 0), on the class token
+    or (`dense`) on every token."""
     from timm.layers import resample_abs_pos_embed
     from timm.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(**{**timm_spec({**arch, "img_size": list(size)}, num_classes, dense=True)["kwargs"], "drop_path_rate": drop_path})
+    model = VisionTransformer(**{**timm_spec({**arch, "img_size": list(size)}, num_classes, dense=dense)["kwargs"], "drop_path_rate": drop_path})
     state = encoder_state_dict(encoder)
     if tuple(model.patch_embed.grid_size) != tuple(encoder.grid_size):
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.patch_embed.grid_size),
                                                     old_size=list(encoder.grid_size), num_prefix_tokens=1)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert set(missing) <= {"head.weight", "head.bias"} and not unexpected, f"encoder keys do not fit timm's ViT: {missing} {unexpected}"
+    head = {"head.weight", "head.bias"} if num_classes else set()
+    assert set(missing) == head and not unexpected, f"encoder keys do not fit timm's ViT: {missing} {unexpected}"
     if num_classes:
         nn.init.trunc_normal_(model.head.weight, std=2e-5)
         nn.init.zeros_(model.head.bias)
