@@ -91,7 +91,7 @@ import torch
 
 from maecli.bench import device_peak
 from maecli.config import load_config
-from maecli.methods import analytic_flops
+from maecli.methods.mae import analytic_flops
 
 w = Path(sys.argv[1])
 print((w / "versions.txt").read_text().strip())

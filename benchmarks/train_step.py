@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from maecli.bench import MaskTokensInEncoder, device_peak, interleaved, matmul_peak, train_step_fn  # noqa: E402
 from maecli.config import validate_config  # noqa: E402
-from maecli.methods import MAE, analytic_flops  # noqa: E402
+from maecli.methods.mae import MAE, analytic_flops  # noqa: E402
 
 SIZES = {
     "tiny": (dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0), [8, 64], 3, 10),

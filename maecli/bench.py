@@ -1,6 +1,6 @@
 """`maecli bench`: what a training step costs, measured. The step is `pretrain`'s, for any method of `maecli.methods`
-(MAE, SimCLR: augmentation on the device, forward, backward, AdamW), and the paper's "mask tokens through the encoder"
-baseline runs through MAE's; analytic FLOPs; a matmul peak; interleaved timing (A, B, C, A, B, C, ...) so ratios hold
+(MAE, SimCLR, SiamMAE, CropMAE: augmentation on the device, forward, backward, AdamW), and the paper's "mask tokens
+through the encoder" baseline runs through MAE's; analytic FLOPs; a matmul peak; interleaved timing (A, B, C, A, B, C, ...) so ratios hold
 on a noisy machine. `compare` and `benchmarks/` time their steps with the same function."""
 
 import re
@@ -18,7 +18,8 @@ from maecli.config import MaecliConfig, apply_overrides, load_config, validate_c
 from maecli.device import autocast_for, compile_mode, pick_device
 from maecli.errors import ConfigError
 from maecli.loop import param_groups
-from maecli.methods import Method, analytic_flops, method_of
+from maecli.methods import Method, method_of
+from maecli.methods.mae import analytic_flops
 from maecli.model import MaskedAutoencoder, to_2tuple
 
 
@@ -50,12 +51,13 @@ class MaskTokensInEncoder(nn.Module):
 
 def train_step_fn(model: nn.Module, method: Method, frames: torch.Tensor, *, seed: int = 0, weight_decay: float = 0.05,
                   compile: str | None = None) -> Callable[[], None]:
-    """One `pretrain` step of `method` on fixed uint8 frames (B, H, W, 3) and one fixed draw of its randomness, as a
-    function to time: augmentation on the frames' device, forward under autocast, backward, fused AdamW with
+    """One `pretrain` step of `method` on fixed uint8 frames (B, H, W, 3) (paired with the next frame of the batch for
+    the methods of frame pairs) and one fixed draw of its randomness, as a function to time: augmentation on the frames' device, forward under autocast, backward, fused AdamW with
     pretrain's parameter groups. `model` may be any module the method's loss can call (a baseline, Hugging Face's
     ViTMAE); `compile`: torch.compile's mode ("default", "max-autotune", ...), as `maecli pretrain` runs it, or None
     for eager."""
     device = frames.device
+    frames = torch.stack([frames, frames.roll(-1, 0)], dim=1)  # (B, 2, H, W, 3): methods of single frames read the first
     draws = [torch.from_numpy(a).to(device) for a in method.draw(np.random.default_rng(seed), len(frames), tuple(frames.shape[1:3]))]
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=1e-6, betas=(0.9, 0.95), fused=True)
     compiled = torch.compile(model, mode=compile) if compile else model
@@ -142,8 +144,9 @@ def bench_setup(config: Path, overrides: list[str], *, model: str | None, patch:
 
 def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder_depths: list[int], device: torch.device,
               peak_tflops: float | None = None, compile: bool | None = None, profile: Path | None = None) -> dict[str, Any]:
-    """The `pretrain` step of MAE, of MAE with mask tokens in the encoder, and of SimCLR (two views) on the same
-    encoder, for [model] with [pretrain]'s and [simclr]'s settings, timed interleaved on the same frames.
+    """The `pretrain` step of MAE, of MAE with mask tokens in the encoder, of SimCLR (two views), SiamMAE and CropMAE
+    (a frame whole and one mostly hidden) on the same encoder, for [model] with [pretrain]'s, [simclr]'s, [siammae]'s
+    and [cropmae]'s settings, timed interleaved on the same frames.
 
     `decoder_depths` adds MAE and w/ [M] pairs with other decoder depths. Every variant is compiled (in
     `pretrain.compile_mode`) when `compile` is true (None: as `pretrain.compile` says). Returns every variant's step
@@ -164,9 +167,10 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
         fns[f"mae{tag}"] = train_step_fn(mae.build().to(device), mae, frames, seed=seed, weight_decay=wd, compile=mode)
         fns[f"mae w/ [M]{tag}"] = train_step_fn(MaskTokensInEncoder(mae.build()).to(device), mae, frames, seed=seed, weight_decay=wd, compile=mode)
         flops[f"mae{tag}"], flops[f"mae w/ [M]{tag}"] = mae.flops_per_image(), analytic_flops(mae.arch, mask_ratio, True)
-    simclr = method_of(cfg, "simclr")
-    fns["contrastive (2 views)"] = train_step_fn(simclr.build().to(device), simclr, frames, seed=seed, weight_decay=wd, compile=mode)
-    flops["contrastive (2 views)"] = simclr.flops_per_image()
+    for name, label in (("simclr", "contrastive (2 views)"), ("siammae", "siammae (frame pair)"), ("cropmae", "cropmae (2 crops)")):
+        method = method_of(cfg, name)
+        fns[label] = train_step_fn(method.build().to(device), method, frames, seed=seed, weight_decay=wd, compile=mode)
+        flops[label] = method.flops_per_image()
 
     peak_mem = {}
     for name, fn in fns.items():  # one step alone per variant for its peak memory (CUDA only)
@@ -188,8 +192,8 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
             mae_name = "mae" + name.removeprefix("mae w/ [M]")
             speedups[f"{mae_name} vs {name}"] = dict(measured=variants[name]["step_s_median"] / variants[mae_name]["step_s_median"],
                                                      analytic=flops[name] / flops[mae_name])
-    speedups["mae vs contrastive (2 views)"] = dict(measured=variants["contrastive (2 views)"]["step_s_median"] / variants["mae"]["step_s_median"],
-                                                    analytic=flops["contrastive (2 views)"] / flops["mae"])
+    for other in ("contrastive (2 views)", "siammae (frame pair)", "cropmae (2 crops)"):
+        speedups[f"mae vs {other}"] = dict(measured=variants[other]["step_s_median"] / variants["mae"]["step_s_median"], analytic=flops[other] / flops["mae"])
     if profile is not None:
         profile_steps(fns, Path(profile), device)
     return dict(arch=arch, batch=batch, mask_ratio=mask_ratio, device=str(device), compiled=mode is not None, compile_mode=mode, steps=steps, warmup=warmup,

@@ -19,11 +19,12 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from maecli.errors import CheckpointError, ConfigError
 from maecli.files import atomic_write, write_json
+from maecli.methods.siammae import SiameseMAE
 from maecli.model import MaskedAutoencoder, to_2tuple
 
 FORMAT_VERSION = "1"
 StateDict = dict[str, torch.Tensor]
-HEADS = ("decoder", "mask_token", "projector.")  # key prefixes outside the encoder: MAE's decoder, SimCLR's projection head
+HEADS = ("decoder", "mask_token", "projector.")  # key prefixes outside the encoder: the MAEs' decoders, SimCLR's projection head
 
 
 # --- maecli safetensors -------------------------------------------------------------------------
@@ -369,9 +370,9 @@ def _reason(err: Exception) -> str:
 
 
 def load_model(path: Path, arch: dict[str, Any] | None = None, *, encoder_only_ok: bool = False) -> tuple[MaskedAutoencoder, dict[str, Any]]:
-    """Build the MAE a weights file describes (or `arch`, for files that record none) and load it strictly; with
-    `encoder_only_ok` (what uses the encoder alone) the decoder may be missing and a contrastive checkpoint's
-    projection head is left out."""
+    """Build the MAE a weights file describes (or `arch`, for files that record none) and load it strictly: a
+    `SiameseMAE` when the decoder attends to another frame (siammae, cropmae). With `encoder_only_ok` (what uses the
+    encoder alone) the decoder may be missing, and a contrastive projection head or a frame-pair decoder is left out."""
     state_dict, file_arch = read_weights(path)
     if "head.weight" in state_dict:
         raise CheckpointError(f"{path}: a fine-tuned classifier (from maecli finetune), not MAE weights; load it with timm (see its classifier.json)")
@@ -380,9 +381,12 @@ def load_model(path: Path, arch: dict[str, Any] | None = None, *, encoder_only_o
             raise ConfigError(f"{path}: a contrastive (simclr) checkpoint: an encoder without an MAE decoder, so there is nothing to reconstruct "
                               "(probe, finetune and export --format timm use it)")
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("projector.")}
+    pairs = any(".cross_attn." in k for k in state_dict)
+    if pairs and encoder_only_ok:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEADS)}
     arch = file_arch or arch
     if arch is None:
         raise CheckpointError(f"{path}: the file records no architecture; give the model size in the [model] section")
-    model = MaskedAutoencoder(**arch)
+    model = SiameseMAE(**arch) if pairs and not encoder_only_ok else MaskedAutoencoder(**arch)
     load_state(model, state_dict, path, encoder_only_ok=encoder_only_ok)
     return model, arch

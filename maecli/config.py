@@ -29,6 +29,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
 PresetName = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"]
+MethodName = Literal["mae", "simclr", "siammae", "cropmae"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes
 
 
@@ -182,7 +183,7 @@ class PretrainConfig(Section):
     """Pretraining on the store's train split: the official MAE recipe (AdamW, warmup + cosine), checkpoints, logging."""
 
     run: str = Field("pretrain", min_length=1, description="Run folder name, under project.output_dir.")
-    method: Literal["mae", "simclr"] = Field("mae", description="mae: masked autoencoding; simclr: contrastive, two augmented views ([simclr]).")
+    method: MethodName = Field("mae", description="mae: masked autoencoding; simclr: contrastive, two augmented views ([simclr]); siammae: frame pairs ([siammae]); cropmae: two crops of a frame ([cropmae]).")
     batch_size: int = Field(64, gt=0, description="Images per device per step (the effective batch is batch_size x devices x accum_iter).")
     epochs: int = Field(100, ge=0, description="Passes over the train split (replaced by steps when steps > 0).")
     steps: int = Field(0, ge=0, description="Total optimizer steps; when > 0 it replaces epochs.")
@@ -239,6 +240,32 @@ class SimclrConfig(Section):
         if not 0 < value[0] <= value[1]:
             raise ValueError(f"must be [low, high] with 0 < low <= high (got {list(value)})")
         return value
+
+
+class SiammaeConfig(Section):
+    """Frame-pair pretraining (`pretrain.method = "siammae"`, Siamese MAE, Gupta et al. 2023): an earlier frame seen whole,
+    a later frame of the same video mostly hidden, rebuilt by a decoder that attends to the earlier one. Crop, flip,
+    optimizer and schedule are [pretrain]'s; the decoder's size is [model]'s."""
+
+    gap: tuple[float, float] = Field((0.13, 1.6), description="Seconds from the earlier frame to the later, [min, max]: the later frame is drawn uniformly among the video's frames in range (the paper: 4-48 frames at 30 fps).")
+    mask_ratio: float = Field(0.95, gt=0, lt=1, description="Fraction of the later frame's patches hidden from the encoder.")
+
+    @field_validator("gap")
+    @classmethod
+    def _gap_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"must be [min, max] seconds with 0 < min <= max (got {list(value)})")
+        return value
+
+
+class CropmaeConfig(Section):
+    """The crop-only control of siammae (`pretrain.method = "cropmae"`, CropMAE, Eymael et al. 2024): the same model on one
+    frame, a global crop ([pretrain] crop_scale) seen whole and a local crop inside it mostly hidden."""
+
+    local_scale: tuple[float, float] = Field((0.3, 0.6), description="The local crop's area as a fraction of the global crop's.")
+    mask_ratio: float = Field(0.985, gt=0, lt=1, description="Fraction of the local crop's patches hidden from the encoder.")
+
+    _scale_range = field_validator("local_scale")(_area_range)
 
 
 class VisualizeConfig(Section):
@@ -338,7 +365,7 @@ class CompareConfig(Section):
     compare sets its length. Give one budget: a time, FLOPs, or steps."""
 
     run: str = Field("compare", min_length=1, description="Folder for the comparison, under project.output_dir (one run per method inside).")
-    methods: list[Literal["mae", "simclr"]] = Field(["mae", "simclr"], min_length=1, description="Methods to compare; the first is the reference of budget_steps.")
+    methods: list[MethodName] = Field(["mae", "simclr"], min_length=1, description="Methods to compare (mae, simclr, siammae, cropmae); the first is the reference of budget_steps.")
     budget: str = Field("", description="Training time per method on this device, like 90s, 20m or 2h: steps from a measured step time.")
     budget_flops: float = Field(0.0, ge=0, description="Training FLOPs per method (analytic, forward + backward).")
     budget_steps: int = Field(0, ge=0, description="Steps of the reference method (the first); the others get the same FLOPs.")
@@ -377,11 +404,25 @@ class MaecliConfig(Section):
     extract: ExtractConfig = Field(default_factory=dict)
     pretrain: PretrainConfig = Field(default_factory=dict)
     simclr: SimclrConfig = Field(default_factory=dict)
+    siammae: SiammaeConfig = Field(default_factory=dict)
+    cropmae: CropmaeConfig = Field(default_factory=dict)
     visualize: VisualizeConfig = Field(default_factory=dict)
     export: ExportConfig = Field(default_factory=dict)
     probe: ProbeConfig = Field(default_factory=dict)
     finetune: FinetuneConfig = Field(default_factory=dict)
     compare: CompareConfig = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _visible_patches(self) -> "MaecliConfig":
+        """A frame-pair method that runs (in pretrain or compare) must leave its later frame a visible patch."""
+        problems = []
+        for name in ("siammae", "cropmae"):
+            ratio = getattr(self, name).mask_ratio
+            if name in (self.pretrain.method, *self.compare.methods) and int(self.model.num_patches * (1 - ratio)) < 1:
+                problems.append(f"{name}.mask_ratio: leaves no visible patch out of the model's {self.model.num_patches} (got {_show(ratio)})")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -1,10 +1,11 @@
 """The one data path from the frame store to the model: sampling order, per-sample randomness, prefetching,
 and the random resized crop (+ horizontal flip) done in one batched op on the device.
 
-Every random choice is a function of (seed, micro-step): the epoch's permutation and each sample's draws (a method
-says what it draws, `maecli.methods`: for MAE a crop, a flip and mask noise). A global micro-batch is drawn whole and
-each rank takes its slice, so one process and N processes see the same global batch, and a resumed run continues
-bit for bit without saved RNG state.
+Every random choice is a function of (seed, micro-step): the epoch's permutation, each sample's draws (a method
+says what it draws, `maecli.methods`: for MAE a crop, a flip and mask noise) and, for a method that reads frame pairs,
+which later frame goes with each earlier one. A global micro-batch is drawn whole and each rank takes its slice, so
+one process and N processes see the same global batch, and a resumed run continues bit for bit without saved RNG
+state.
 """
 
 import functools
@@ -26,10 +27,40 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class Samples:
+    """What one sample reads from the store, as a method declares it (`method.samples(store)`): its first frame is one
+    of `first` (store indices); for frame pairs, its second frame is drawn uniformly from the store indices
+    [lo, hi) of that first frame (the same video, within the method's time gap)."""
+
+    first: np.ndarray  # (S,) store indices
+    lo: np.ndarray | None = None  # (S,) with hi: where the later frame of each first frame may come from
+    hi: np.ndarray | None = None
+
+    @classmethod
+    def stills(cls, num_frames: int) -> "Samples":
+        """Every frame on its own (MAE, SimCLR, CropMAE)."""
+        return cls(first=np.arange(num_frames))
+
+    @property
+    def frames_per_sample(self) -> int:
+        return 1 if self.lo is None else 2
+
+    def frames(self, pos: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Store indices (B, F) of the samples at positions `pos` (B,) of `first`; u (B,) in [0, 1) picks the later
+        frame of a pair."""
+        first = self.first[pos]  # (B,)
+        if self.lo is None:
+            return first[:, None]
+        lo, hi = self.lo[pos], self.hi[pos]
+        later = np.minimum(lo + np.floor(u * (hi - lo)).astype(np.int64), hi - 1)  # (B,) uniform over the frames in range
+        return np.stack([first, later], axis=1)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Which frames and which random draws each micro-step uses, for one rank."""
 
-    num_frames: int  # frames in the split
+    num_frames: int  # samples in an epoch: frames of the split, or first frames of pairs
     batch_size: int  # per rank
     world_size: int
     rank: int
@@ -44,7 +75,7 @@ class Plan:
         return self.num_frames // self.global_batch  # the last incomplete batch of an epoch is dropped
 
     def indices(self, micro_step: int) -> np.ndarray:
-        """Store indices for this rank at a micro-step: (B,)."""
+        """Sample positions (`Samples.first`; store indices for stills) for this rank at a micro-step: (B,)."""
         epoch, pos = divmod(micro_step, self.micro_steps_per_epoch)
         perm = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_frames)
         start = pos * self.global_batch + self.rank * self.batch_size
@@ -86,6 +117,13 @@ def step_randomness(plan: Plan, micro_step: int, draw: Draw, frame_hw: tuple[int
     rng = np.random.default_rng([plan.seed, 1, micro_step])
     s = plan.rank_slice()
     return tuple(a[s] for a in draw(rng, plan.global_batch, frame_hw))
+
+
+def step_frames(plan: Plan, micro_step: int, samples: Samples) -> np.ndarray:
+    """This rank's store indices (B, F) at a micro-step: the epoch's samples, and for pairs each later frame, picked
+    by a draw of its own stream (the methods' draws stay as they are)."""
+    u = np.random.default_rng([plan.seed, 2, micro_step]).random(plan.global_batch)[plan.rank_slice()] if samples.lo is not None else None
+    return samples.frames(plan.indices(micro_step), u)
 
 
 def center_crop(n: int, frame_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
@@ -149,12 +187,13 @@ def to_input(frames: torch.Tensor) -> torch.Tensor:
 class Loader:
     """Prefetches micro-batches in a background thread: store reads and the method's random draws, pinned for CUDA.
 
-    `next()` returns (frames uint8 (B, H, W, 3), *draws) on `device` (for MAE: crops (B, 2, 3) and mask noise
-    (B, L)), and adds the time it had to wait to `waited` (seconds): a loader that keeps up leaves it near zero.
+    `next()` returns (frames uint8 (B, F, H, W, 3), *draws) on `device` (F: 1, or 2 for frame pairs; for MAE the draws
+    are crops (B, 2, 3) and mask noise (B, L)), and adds the time it had to wait to `waited` (seconds): a loader that
+    keeps up leaves it near zero.
     """
 
-    def __init__(self, store: FrameStore, plan: Plan, start: int, device: torch.device, draw: Draw, depth: int = 4) -> None:
-        self.store, self.plan, self.device, self.draw = store, plan, device, draw
+    def __init__(self, store: FrameStore, samples: Samples, plan: Plan, start: int, device: torch.device, draw: Draw, depth: int = 4) -> None:
+        self.store, self.samples, self.plan, self.device, self.draw = store, samples, plan, device, draw
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.waited = 0.0
@@ -165,7 +204,8 @@ class Loader:
         pin = self.device.type == "cuda"
         try:
             while not self.stop.is_set():
-                frames = torch.from_numpy(self.store.get_batch(self.plan.indices(micro_step)))  # (B, H, W, 3) uint8
+                indices = step_frames(self.plan, micro_step, self.samples)  # (B, F)
+                frames = torch.from_numpy(self.store.get_batch(indices.reshape(-1))).view(*indices.shape, *self.store.size, 3)  # (B, F, H, W, 3) uint8
                 draws = [torch.from_numpy(a) for a in step_randomness(self.plan, micro_step, self.draw, tuple(self.store.size))]
                 item = tuple(t.pin_memory() if pin else t for t in (frames, *draws))
                 while not self.stop.is_set():

@@ -33,9 +33,10 @@ def grid_image(columns: dict[str, torch.Tensor], title: str, cell: int = 160) ->
 
 
 def save_reconstructions(model: MaskedAutoencoder, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor, path: Path,
-                         title: str, stats: str = "visible") -> Path:
-    """The MAE figure (original | masked | reconstruction | reconstruction + visible) as a PNG."""
-    columns = reconstruct(model, imgs, mask_ratio, noise, stats)
+                         title: str, stats: str = "visible", first: tuple[str, torch.Tensor] | None = None) -> Path:
+    """The MAE figure (original | masked | reconstruction | reconstruction + visible) as a PNG; a frame-pair model's
+    starts with the frame it sees whole (`first`: its name and frames)."""
+    columns = reconstruct(model, imgs, mask_ratio, noise, stats, first)
     label = f"{title} | mask ratio {mask_ratio:g}" + (f" | {STATS_LABELS[stats]}" if model.norm_pix_loss else "")
     with atomic_write(path) as tmp:
         grid_image(columns, label).save(tmp, format="PNG")

@@ -53,12 +53,14 @@ def fixed_noise(seed: int, n: int, num_patches: int, device: torch.device) -> to
 
 
 @torch.no_grad()
-def reconstruct(model: MaskedAutoencoder, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor,
-                stats: str = "visible") -> dict[str, torch.Tensor]:
+def reconstruct(model: MaskedAutoencoder, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor, stats: str = "visible",
+                first: tuple[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Normalized images (N, 3, H, W) -> the MAE figure's four columns as (N, 3, H, W) pixels in [0, 1]:
-    original, masked, reconstruction, reconstruction + visible."""
+    original, masked, reconstruction, reconstruction + visible. For a frame-pair model (`SiameseMAE`), `first` names
+    and holds the frames (N, 3, H, W) it sees whole, shown as a first column."""
     assert stats in STATS_LABELS, f"stats must be one of {list(STATS_LABELS)}, got {stats!r}"
-    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)  # (N, L, p*p*3), (N, L)
+    pair = () if first is None else (first[1],)
+    _, pred, mask = model(*pair, imgs, mask_ratio=mask_ratio, noise=noise)  # (N, L, p*p*3), (N, L)
     pred = pred.float()
     if model.norm_pix_loss:
         target = model.patchify(imgs)  # (N, L, p*p*3)
@@ -75,6 +77,7 @@ def reconstruct(model: MaskedAutoencoder, imgs: torch.Tensor, mask_ratio: float,
     removed = model.unpatchify(m)  # (N, 3, H, W) 1 where removed
     original = denormalize(imgs)
     return {
+        **({first[0]: denormalize(first[1])} if first is not None else {}),
         "original": original,
         "masked": original * (1 - removed) + 0.5 * removed,  # removed patches grey
         "reconstruction": denormalize(recon),

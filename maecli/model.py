@@ -56,6 +56,7 @@ class MaskedAutoencoder(nn.Module):
         norm_pix_loss: bool = False,
         norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
         decoder: bool = True,
+        decoder_block: type[nn.Module] = Block,
     ) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
@@ -77,7 +78,8 @@ class MaskedAutoencoder(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
 
-        # decoder (left out when another objective trains the encoder: `maecli.simclr`)
+        # decoder (left out when another objective trains the encoder: `maecli.methods.simclr`; SiamMAE's blocks also
+        # attend to another frame: `maecli.methods.siammae`)
         self.has_decoder = decoder
         if decoder:
             self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
@@ -85,7 +87,7 @@ class MaskedAutoencoder(nn.Module):
             self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False)
             self.decoder_blocks = nn.ModuleList(
                 [
-                    Block(dim=decoder_embed_dim, num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                    decoder_block(dim=decoder_embed_dim, num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
                     for _ in range(decoder_depth)
                 ]
             )
@@ -173,7 +175,9 @@ class MaskedAutoencoder(nn.Module):
         x, _, _ = self.forward_encoder(imgs, mask_ratio=0.0, noise=noise)
         return x
 
-    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def decoder_tokens(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Encoder output (N, 1 + K, D) -> the decoder's input (N, 1 + L, Dd): embedded, a mask token at every removed
+        patch, in patch order, plus the decoder's position embedding."""
         x = self.decoder_embed(x)  # (N, 1 + K, Dd)
         N, K1, Dd = x.shape
         L = ids_restore.shape[1]
@@ -181,7 +185,10 @@ class MaskedAutoencoder(nn.Module):
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (N, L, Dd), shuffled order
         x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # (N, L, Dd) patch order
         x = torch.cat([x[:, :1, :], x_], dim=1)  # (N, 1 + L, Dd)
-        x = x + self.decoder_pos_embed
+        return x + self.decoder_pos_embed
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_tokens(x, ids_restore)  # (N, 1 + L, Dd)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)

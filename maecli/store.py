@@ -164,6 +164,10 @@ class FrameStore:
             out[j] = self._shard(shard[j])[local[j]]
         return out
 
+    def times(self) -> np.ndarray:
+        """Each frame's time in its video, seconds: (N,), in store order (`video_offsets` says where each video starts)."""
+        return np.array([t for v in self.videos for t in v["timestamps"]], dtype=np.float64)
+
     def provenance(self, i: int) -> dict[str, Any]:
         v = int(np.searchsorted(self.video_offsets, i, side="right") - 1)
         video, j = self.videos[v], i - int(self.video_offsets[v])

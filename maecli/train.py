@@ -1,5 +1,5 @@
-"""`maecli pretrain`: the pretraining loop on one CPU, one GPU, or many through torchrun, for every method (MAE, SimCLR:
-`maecli.methods` says what a method builds, draws and minimises).
+"""`maecli pretrain`: the pretraining loop on one CPU, one GPU, or many through torchrun, for every method (MAE, SimCLR,
+SiamMAE, CropMAE: `maecli.methods` says what a method reads, builds, draws and minimises).
 
 One flat loop: set the lr, micro-steps (forward, backward), clip, step, then maybe log, checkpoint and
 snapshot. Distributed is one probe (`RANK` in the environment) and an `is_main` flag; only the main
@@ -31,7 +31,7 @@ from maecli.inputs import Inputs, shown_split
 from maecli.loop import distributed, for_training, get_lr, param_groups, peak_memory_mib, progress_bar, stop_on_ctrl_c
 from maecli.methods import method_of
 from maecli.model import MaskedAutoencoder
-from maecli.simclr import collapse_note
+from maecli.methods.simclr import collapse_note
 from maecli.store import FrameStore
 
 
@@ -80,9 +80,10 @@ def pretrain(cfg: MaecliConfig, *, restart: bool = False, console: Console | Non
 def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
     pc, mc, is_main = cfg.pretrain, cfg.model, rank == 0
     store = FrameStore(cfg.extract.store, split="train")
-    plan = Plan(num_frames=len(store), batch_size=pc.batch_size, world_size=world, rank=rank, seed=cfg.project.seed)
-    sched = Schedule.of(cfg, plan)
     method = method_of(cfg)
+    samples, sample_notes = method.samples(store)
+    plan = Plan(num_frames=len(samples.first), batch_size=pc.batch_size, world_size=world, rank=rank, seed=cfg.project.seed)
+    sched = Schedule.of(cfg, plan)
     torch.manual_seed(cfg.project.seed)
     raw = method.build().to(device)
     optimizer = torch.optim.AdamW(param_groups(raw, pc.weight_decay), lr=sched.lr, betas=(0.9, 0.95), fused=True)
@@ -91,11 +92,12 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     if world > 1:
         dist.barrier()
     start, notes = load_start(cfg, raw, optimizer, device)
+    notes += sample_notes
     mode = compile_mode(pc.compile, pc.compile_mode, device)
     model = for_training(raw, device, world, mode)
     autocast = autocast_for(device)
     log = RunLog(cfg, start, raw, device) if is_main else None
-    loader = Loader(store, plan, start * pc.accum_iter, device, method.draw)
+    loader = Loader(store, samples, plan, start * pc.accum_iter, device, method.draw)
     first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, found without a host sync
     last_ckpt, t_run = None, time.perf_counter()
     try:
@@ -107,7 +109,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
                     group["lr"] = lr
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(pc.accum_iter):
-                    frames, *draws = loader.next()  # uint8 (B, H, W, 3), the method's random draws
+                    frames, *draws = loader.next()  # uint8 (B, F, H, W, 3), the method's random draws
                     inputs = method.inputs(frames, *draws)  # augmented on the device, in float32
                     with (model.no_sync() if world > 1 and micro < pc.accum_iter - 1 else nullcontext()), autocast:
                         loss = method.loss(model, *inputs)
@@ -200,13 +202,14 @@ def checked_loss(step_loss: torch.Tensor, first_bad: torch.Tensor, world: int, l
     return step_loss.item()
 
 
-LOSS_NAMES = {"mae": "MSE on masked patches", "simclr": "NT-Xent"}
+LOSS_NAMES = {"mae": "MSE on masked patches", "simclr": "NT-Xent", "siammae": "MSE on the later frame's masked patches",
+              "cropmae": "MSE on the local crop's masked patches"}
 
 
 class RunLog:
     """What the main process writes besides checkpoints: `config.toml`, `metrics.jsonl` (cut back to the step the run
     starts from, so a killed run's extra lines go), for MAE reconstruction snapshots of fixed frames and masks (those
-    that `maecli visualize` shows), and at the end `loss.png` and `summary.json`."""
+    that `maecli visualize` shows; it shows the other methods' on demand), and at the end `loss.png` and `summary.json`."""
 
     def __init__(self, cfg: MaecliConfig, start: int, model: torch.nn.Module, device: torch.device) -> None:
         self.run_dir, self.title = cfg.run_dir, cfg.project.name
@@ -216,9 +219,9 @@ class RunLog:
         kept = keep_lines(self.metrics_path, lambda r: r["step"] <= start)
         self.last_loss = kept[-1]["loss"] if kept else float("nan")  # a finished run, rerun, still reports its loss
         self.device, self.t, self.waited = device, time.perf_counter(), 0.0
-        self.method, self.snapshots = cfg.pretrain.method, model.has_decoder
+        self.method, self.snapshots = cfg.pretrain.method, cfg.pretrain.method == "mae"
         self.last_step = start
-        if not self.snapshots:  # a method without a decoder has nothing to reconstruct
+        if not self.snapshots:  # SimCLR has nothing to reconstruct, the frame-pair methods need pairs: visualize shows them
             return
         snap = Inputs(cfg, [], model.img_size, split=shown_split(cfg)[0], limit=cfg.visualize.num_images)
         self.snap_imgs, _ = snap.read(0, len(snap.rows), device)  # (N, 3, h, w)

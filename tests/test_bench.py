@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from maecli.bench import MaskTokensInEncoder
-from maecli.methods import analytic_flops
+from maecli.methods.mae import analytic_flops
 from maecli.model import MaskedAutoencoder
 from tests.conftest import TINY
 
@@ -43,8 +43,8 @@ def test_mask_tokens_baseline_trains_every_parameter_on_the_same_mask():
 @pytest.mark.parametrize("arch", [TINY, BASE], ids=["tiny", "base"])
 def test_contrastive_flops_match_torch_counter(arch):
     from maecli.config import SimclrConfig
-    from maecli.methods import contrastive_flops
-    from maecli.simclr import SimCLR, draw_views, two_views
+    from maecli.methods.simclr import contrastive_flops
+    from maecli.methods.simclr import SimCLR, draw_views, two_views
 
     model = SimCLR(**arch, proj_hidden=64, proj_dim=16)
     h, w = model.img_size
@@ -69,18 +69,20 @@ def test_bench_command_reports_every_variant(runner, tmp_path):
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
     assert r["arch"]["embed_dim"] == 32 and r["arch"]["img_size"] == [32, 64] and r["batch"] == 4
-    assert set(r["variants"]) == {"mae", "mae w/ [M]", "mae, decoder depth 1", "mae w/ [M], decoder depth 1", "contrastive (2 views)"}
+    assert set(r["variants"]) == {"mae", "mae w/ [M]", "mae, decoder depth 1", "mae w/ [M], decoder depth 1", "contrastive (2 views)",
+                                  "siammae (frame pair)", "cropmae (2 crops)"}
     for v in r["variants"].values():
         assert v["steps"] == 2 and v["step_s_min"] <= v["step_s_median"] <= v["step_s_max"]
         assert v["images_per_s"] > 0 and v["gflop_per_image"] > 0 and v["achieved_gflops"] > 0
-    assert set(r["speedups"]) == {"mae vs mae w/ [M]", "mae, decoder depth 1 vs mae w/ [M], decoder depth 1", "mae vs contrastive (2 views)"}
+    assert set(r["speedups"]) == {"mae vs mae w/ [M]", "mae, decoder depth 1 vs mae w/ [M], decoder depth 1", "mae vs contrastive (2 views)",
+                                  "mae vs siammae (frame pair)", "mae vs cropmae (2 crops)"}
     assert all(s["measured"] > 0 and s["analytic"] > 1 for k, s in r["speedups"].items() if "[M]" in k)
     assert (tmp_path / "bench.png").stat().st_size > 0
     # MFU is rated against a spec peak only: on a CPU there is none, so it says "unknown" instead of a guess
     assert r["compiled"] is False and r["peak_gflops"] is None and r["peak_source"].startswith("unknown for this CPU")
     assert all(v["mfu"] is None and 0 < v["of_matmul"] for v in r["variants"].values())
     assert r["matmul_source"] == "float32 2048x2048 matmul" and r["matmul_gflops"] > 0
-    for slug in ("mae", "mae-w-m", "mae-decoder-depth-1", "contrastive-2-views"):
+    for slug in ("mae", "mae-w-m", "mae-decoder-depth-1", "contrastive-2-views", "siammae-frame-pair", "cropmae-2-crops"):
         assert '"traceEvents"' in (tmp_path / "profiles" / f"trace-{slug}.json").read_text()
         assert "Self CPU" in (tmp_path / "profiles" / f"ops-{slug}.txt").read_text()
     missing = runner.invoke(app, ["bench", "-c", str(tmp_path / "none.toml")])
@@ -94,3 +96,16 @@ def test_spec_peaks_by_gpu_name():
     assert spec_tflops("NVIDIA H100 PCIe") == 756 and spec_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert spec_tflops("NVIDIA L40S") == 362 and spec_tflops("NVIDIA L40") == 181 and spec_tflops("NVIDIA L4") == 121
     assert spec_tflops("Tesla V100-SXM2-16GB") is None  # no bf16 tensor cores: unknown, not a guess
+
+
+@pytest.mark.parametrize("arch", [TINY, {**TINY, "img_size": (32, 64)}, BASE], ids=["tiny", "wide", "base"])
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.95])
+def test_frame_pair_flops_match_torch_counter(arch, mask_ratio):
+    from maecli.methods.siammae import SiameseMAE, pair_flops
+
+    model = SiameseMAE(**arch)
+    first, later = torch.randn(2, 3, *model.img_size), torch.randn(2, 3, *model.img_size)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(first, later, mask_ratio=mask_ratio)[0].backward()
+    assert pair_flops(arch, mask_ratio) == pytest.approx(counter.get_total_flops() / 2, rel=0.01)

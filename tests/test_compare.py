@@ -70,6 +70,23 @@ def test_compare_trains_probes_and_finetunes_each_method_under_one_budget(runner
                             "or another compare.run\n")
 
 
+def test_compare_takes_the_frame_pair_methods_at_the_same_flops(runner, tmp_path, store):
+    config = write_project(tmp_path, store, pretrain={"log_every": 4}, simclr={"proj_hidden": 64, "proj_dim": 16}, siammae={"mask_ratio": 0.75},
+                           cropmae={"mask_ratio": 0.8}, probe={"train": str(labeled(tmp_path / "labels")), "epochs": 5},
+                           compare={"methods": ["mae", "siammae", "cropmae", "simclr"]})
+    result, report = compare(runner, config, "--budget-steps", "32")
+    assert result.exit_code == 0, result.output
+    cfg = load_config(config)
+    flops = {m: method_of(cfg, m).flops_per_image() * 8 for m in cfg.compare.methods}
+    assert list(report["methods"]) == ["mae", "siammae", "cropmae", "simclr"]
+    for name, m in report["methods"].items():  # each gets the FLOPs of 32 MAE steps, in whole eighths
+        assert m["steps"] == math.floor(32 * flops["mae"] / flops[name]) // 8 * 8 and m["flops"] <= 32 * flops["mae"]
+        assert len(m["points"]) == 4 and all(0 <= p["linear"] <= 1 for p in m["points"])
+    assert flops["siammae"] > 1.5 * flops["mae"] and report["methods"]["siammae"]["steps"] < 32  # a whole frame and a masked one
+    summary = json.loads((tmp_path / "runs" / "compare" / "siammae" / "summary.json").read_text())
+    assert summary["method"] == "siammae" and summary["steps"] == report["methods"]["siammae"]["steps"]
+
+
 def test_a_time_budget_is_turned_into_steps_from_measured_step_times(runner, tmp_path, store):
     result, report = compare(runner, compare_project(tmp_path, store), "--budget", "2s", "--method", "mae")  # 8 steps need < 250 ms each
     if result.exit_code == 2:  # a machine so loaded that 2 s buy fewer than 8 steps (seen under pytest-xdist on 2 cores): refused
@@ -87,7 +104,7 @@ def test_a_time_budget_is_turned_into_steps_from_measured_step_times(runner, tmp
 @pytest.mark.parametrize("args,error", [
     (["--budget-steps", "4"], "compare.budget_steps: 4 buys 4 steps of mae ("),
     (["--budget-steps", "9"], "compare.budget_steps: 9 buys {simclr} steps of simclr ("),
-    (["--budget-steps", "64", "--method", "mae", "--method", "byol"], "--set: compare.methods.1: must be one of 'mae' or 'simclr' (got \"byol\")"),
+    (["--budget-steps", "64", "--method", "mae", "--method", "byol"], "--set: compare.methods.1: must be one of 'mae', 'simclr', 'siammae' or 'cropmae' (got \"byol\")"),
     (["--budget", "ten minutes"], "--set: compare.budget: expected a duration like 90s, 20m or 2h (got \"ten minutes\")"),
     ([], "compare.budget: no budget given (--budget 20m, --budget-flops 1e15 or --budget-steps 500)"),
     (["--budget-steps", "64", "--set", "probe.train="], "probe.train: no labeled images given (a folder with one sub-folder per class)"),

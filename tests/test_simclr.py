@@ -13,7 +13,7 @@ from maecli.cli import app
 from maecli.config import SimclrConfig
 from maecli.data import augment, crop_boxes
 from maecli.model import MaskedAutoencoder
-from maecli.simclr import SimCLR, colour_jitter, draw_views, gaussian_blur, luma, nt_xent, two_views
+from maecli.methods.simclr import SimCLR, colour_jitter, draw_views, gaussian_blur, luma, nt_xent, two_views
 from tests.conftest import TINY, write_project
 
 
@@ -42,7 +42,7 @@ def test_nt_xent_matches_the_reference_and_is_symmetric():
 
 RANKS = """
 import json, sys, torch, torch.distributed as dist
-from maecli.simclr import nt_xent
+from maecli.methods.simclr import nt_xent
 dist.init_process_group("gloo"); rank, world = dist.get_rank(), dist.get_world_size()
 g = torch.Generator().manual_seed(0)
 z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)  # the global batch, the same on every rank
@@ -223,7 +223,7 @@ def test_collapse_is_named_and_simclr_may_have_its_own_learning_rate():
     import math
 
     from maecli.config import MaecliConfig
-    from maecli.simclr import collapse_note
+    from maecli.methods.simclr import collapse_note
     from maecli.train import lr_of
 
     note = collapse_note(4.89448, 64)  # measured: a run that collapsed at lr 1.5e-3, its last step's loss

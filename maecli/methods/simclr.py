@@ -1,4 +1,5 @@
-"""SimCLR (Chen et al. 2020) on the MAE's encoder: the contrastive method of `maecli pretrain` (`method = "simclr"`).
+"""SimCLR (Chen et al. 2020) on the MAE's encoder: the contrastive method of `maecli pretrain` (`method = "simclr"`,
+knobs in [simclr]).
 
 Two augmented views of every frame (SimCLR's list: random resized crop, flip, colour jitter, grayscale, Gaussian
 blur, batched on the device), every patch of each view through the encoder, the class token through a 2-layer
@@ -21,9 +22,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maecli.config import SimclrConfig
-from maecli.data import constant, crop_boxes, normalize, resized_crop
-from maecli.model import MaskedAutoencoder
+from maecli.config import MaecliConfig, SimclrConfig
+from maecli.data import Samples, constant, crop_boxes, normalize, resized_crop
+from maecli.methods.mae import blocks_flops
+from maecli.model import MaskedAutoencoder, to_2tuple
+from maecli.store import FrameStore
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey, as torchvision's rgb_to_grayscale
 RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
@@ -174,3 +177,41 @@ def two_views(frames: torch.Tensor, crops: torch.Tensor, colour: torch.Tensor, g
         x = gaussian_blur(x, sigma[:, v].to(x.device))
         views.append(normalize(x))
     return views[0], views[1]
+
+
+# --- the method -------------------------------------------------------------------------------------
+
+
+def contrastive_flops(arch: dict[str, Any], hidden: int, out: int) -> float:
+    """FLOPs per image of one SimCLR step: two views through the whole encoder and the projection head, fwd + bwd."""
+    h, w = to_2tuple(arch["img_size"])
+    p, D = arch["patch_size"], arch["embed_dim"]
+    L = (h // p) * (w // p)
+    patch_embed = 2 * L * p * p * 3 * D
+    forward = patch_embed + blocks_flops(arch["depth"], L + 1, D, arch["mlp_ratio"]) + 2 * (D * hidden + hidden * out)
+    return 2 * (3 * forward - patch_embed)
+
+
+class Contrastive:
+    name = "simclr"
+
+    def __init__(self, cfg: MaecliConfig) -> None:
+        self.arch, self.img_size, self.sc = cfg.model.mae_kwargs, cfg.model.img_size, cfg.simclr
+
+    def samples(self, store: FrameStore) -> tuple[Samples, list[str]]:
+        return Samples.stills(len(store)), []
+
+    def build(self) -> SimCLR:
+        return SimCLR(**self.arch, proj_hidden=self.sc.proj_hidden, proj_dim=self.sc.proj_dim, temperature=self.sc.temperature)
+
+    def draw(self, rng: np.random.Generator, n: int, frame_hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        return draw_views(rng, n, frame_hw, self.img_size, self.sc)
+
+    def inputs(self, frames: torch.Tensor, *draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return two_views(frames[:, 0], *draws, self.img_size)  # (B, 3, h, w) each
+
+    def loss(self, model: torch.nn.Module, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        return model(view1, view2)
+
+    def flops_per_image(self) -> float:
+        return contrastive_flops(self.arch, self.sc.proj_hidden, self.sc.proj_dim)
