@@ -6,10 +6,16 @@ then judge the encoder by semantic segmentation of CamVid (11 classes, void igno
     maecli probe -c . --baseline random --baseline pixels [--set probe.layers=4] [--set probe.frames=30]
     maecli finetune -c . --baseline random
     maecli compare -c .
+    # does time help? the frame-pair study of docs/benchmarks.md (400 MAE steps' FLOPs each; the gap swept)
+    maecli compare -c . --method mae --method siammae --method cropmae --method simclr --budget-flops 3.7051e13 \
+        --finetune-epochs 10 --set compare.run=pairs
+    maecli compare -c . --method siammae --budget-flops 3.7051e13 --set 'siammae.gap=[0.03,0.5]' --set compare.run=pairs-gap-short
+    maecli compare -c . --method siammae --budget-flops 3.7051e13 --set 'siammae.gap=[1.0,3.0]' --set compare.run=pairs-gap-long
 
 CamVid's frames are stills taken at 1 Hz from three drives; each drive (the file-name prefix: 0001TP, 0006R0,
 0016E5) becomes one 1-fps H.264 video, so `maecli extract` treats them as the footage a team owns and labels a few
-frames of. The project file written holds the recipe docs/benchmarks.md reports; nothing of the data is copied
+frames of. The dashcam clips are extracted at 30 fps, so SiamMAE's pairs come from them at any gap and from the
+CamVid drives at whole seconds. The project file written holds the recipe docs/benchmarks.md reports; nothing of the data is copied
 into the project.
 """
 

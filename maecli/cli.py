@@ -175,7 +175,7 @@ def pretrain(
     restart: Annotated[bool, typer.Option("--restart", help="Delete this run's checkpoints and start over.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Pretrain on the frame store's train split (MAE, or SimCLR with pretrain.method = "simclr"); resumes the run folder's latest checkpoint."""
+    """Pretrain on the frame store's train split (MAE; pretrain.method picks simclr, siammae or cropmae instead); resumes the run folder's latest checkpoint."""
     from maecli.train import pretrain as run_pretrain
 
     cfg = load_config(config, set_ or [])
@@ -401,12 +401,12 @@ def compare(
     budget: Annotated[str | None, typer.Option("--budget", help="Training time per method on this device: 90s, 20m, 2h (sets compare.budget).")] = None,
     budget_flops: Annotated[float | None, typer.Option("--budget-flops", help="Training FLOPs per method, e.g. 1e15 (sets compare.budget_flops).")] = None,
     budget_steps: Annotated[int | None, typer.Option("--budget-steps", help="Steps of the first method; the others get its FLOPs (sets compare.budget_steps).")] = None,
-    method: Annotated[list[str] | None, typer.Option("--method", help="A method to compare, mae or simclr; repeatable (sets compare.methods).")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", help="A method to compare: mae, simclr, siammae or cropmae; repeatable (sets compare.methods).")] = None,
     finetune_epochs: Annotated[int | None, typer.Option("--finetune-epochs", help="Also fine-tune each final encoder for this many epochs (sets compare.finetune_epochs).")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Delete this comparison (plan, runs, probes) and start over.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """MAE or contrastive for this data at this budget: pretrain each method on the store under one compute budget,
+    """Which pretraining for this data at this budget: pretrain each method on the store under one compute budget,
     probe each at 1/8, 1/4, 1/2 and all of it ([probe]'s labeled set), against random init and raw pixels; resumes."""
     from maecli.compare import run_compare
 
@@ -526,7 +526,7 @@ def bench(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a bar chart PNG of images/s here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Measure MAE against mask tokens in the encoder and a two-view contrastive (SimCLR) step on this machine."""
+    """Measure MAE's step against mask tokens in the encoder, a two-view contrastive (SimCLR) step and the frame-pair steps (SiamMAE, CropMAE) on this machine."""
     from rich.table import Table
 
     from maecli.bench import bench_setup, run_bench

@@ -64,11 +64,16 @@ def test_auto_takes_this_machines_path(runner, tmp_path, store):
     assert simclr.exit_code == 0, simclr.output
     summary = json.loads(simclr.stdout)
     assert (summary["device"], summary["precision"], summary["compiled"]) == (("cuda:0", "bfloat16", True) if GPUS else ("cpu", "float32", False))
-    if GPUS:  # and on the GPU, the step of either method never makes the host wait for it (the GPU would idle)
-        cfg = load_config(config)
+    pairs = runner.invoke(app, ["pretrain", "-c", str(config), "--json", "--set", "pretrain.method=siammae", "--set", "pretrain.run=siammae",
+                                "--set", "siammae.mask_ratio=0.75"])  # frame pairs, cross-attention
+    assert pairs.exit_code == 0, pairs.output
+    summary = json.loads(pairs.stdout)
+    assert (summary["device"], summary["precision"], summary["compiled"]) == (("cuda:0", "bfloat16", True) if GPUS else ("cpu", "float32", False))
+    if GPUS:  # and on the GPU, the step of any method never makes the host wait for it (the GPU would idle)
+        cfg = load_config(config, ["siammae.mask_ratio=0.75", "cropmae.mask_ratio=0.8", "simclr.proj_hidden=64"])
         frames = torch.randint(0, 256, (8, 48, 64, 3), dtype=torch.uint8, device="cuda")
-        for name in ("mae", "simclr"):
-            method = method_of(cfg.model_copy(update=dict(simclr=cfg.simclr.model_copy(update=dict(proj_hidden=64)))), name)
+        for name in ("mae", "simclr", "siammae", "cropmae"):
+            method = method_of(cfg, name)
             step = train_step_fn(method.build().cuda(), method, frames, compile="default")
             step()  # compiles (compiling may wait for the GPU)
             torch.cuda.set_sync_debug_mode("error")  # raises at any synchronizing call: .item(), a copy from pageable memory...
