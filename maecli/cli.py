@@ -23,15 +23,16 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help as written: Rich markup would eat "[probe]", and its panels show flags as taking a value
 )
 console = Console(stderr=True, highlight=False)
-store_app = typer.Typer(help="Inspect frame stores.", no_args_is_help=True)
+store_app = typer.Typer(help="Inspect frame stores.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(store_app, name="store")
-export_app = typer.Typer(help="Ship the encoder (timm or Hugging Face) and frozen-encoder features.", no_args_is_help=True)
+export_app = typer.Typer(help="Ship the encoder (timm or Hugging Face) and frozen-encoder features.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(export_app, name="export")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="The project file (or its folder).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a project-file value: section.key=value (repeatable).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a project-file value: section.key=value (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 
 
@@ -287,7 +288,7 @@ def probe(
     config: ConfigOpt = Path(CONFIG_NAME),
     set_: SetOpt = None,
     checkpoint: CheckpointOpt = None,
-    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="Also probe 'random' (a random-init encoder of the same shape) or 'pixels' (the input pixels); repeatable.")] = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", metavar="NAME", help="Also probe 'random' (a random-init encoder of the same shape) or 'pixels' (the input pixels); repeatable.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Judge the frozen encoder on the labeled set ([probe] train / val): linear-probe and k-NN accuracy on a class
@@ -313,7 +314,7 @@ def finetune(
     config: ConfigOpt = Path(CONFIG_NAME),
     set_: SetOpt = None,
     checkpoint: CheckpointOpt = None,
-    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="Also fine-tune 'random': a random-init encoder of the same shape, same recipe.")] = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", metavar="NAME", help="Also fine-tune 'random': a random-init encoder of the same shape, same recipe.")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Delete these fine-tuning runs and start over.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -401,7 +402,7 @@ def compare(
     budget: Annotated[str | None, typer.Option("--budget", help="Training time per method on this device: 90s, 20m, 2h (sets compare.budget).")] = None,
     budget_flops: Annotated[float | None, typer.Option("--budget-flops", help="Training FLOPs per method, e.g. 1e15 (sets compare.budget_flops).")] = None,
     budget_steps: Annotated[int | None, typer.Option("--budget-steps", help="Steps of the first method; the others get its FLOPs (sets compare.budget_steps).")] = None,
-    method: Annotated[list[str] | None, typer.Option("--method", help="A method to compare: mae, simclr, siammae or cropmae; repeatable (sets compare.methods).")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", metavar="NAME", help="A method to compare: mae, simclr, siammae or cropmae; repeatable (sets compare.methods).")] = None,
     finetune_epochs: Annotated[int | None, typer.Option("--finetune-epochs", help="Also fine-tune each final encoder for this many epochs (sets compare.finetune_epochs).")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Delete this comparison (plan, runs, probes) and start over.")] = False,
     json_out: JsonOpt = False,
@@ -518,7 +519,7 @@ def bench(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per step.")] = 8,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per variant (interleaved).")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Untimed steps per variant first.")] = 2,
-    decoder_depth: Annotated[list[int] | None, typer.Option("--decoder-depth", help="Also time MAE with this decoder depth (repeatable).")] = None,
+    decoder_depth: Annotated[list[int] | None, typer.Option("--decoder-depth", metavar="DEPTH", help="Also time MAE with this decoder depth (repeatable).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", help="Peak for MFU in TFLOP/s (default: the GPU's dense bf16 spec, if known).")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile every variant (default: as pretrain, on CUDA only).")] = None,
