@@ -4,6 +4,7 @@ Library code raises `MaecliError`; this module alone turns it into one line per 
 an exit code (2: configuration or usage, 1: runtime). Heavy imports (torch, timm) happen inside commands.
 """
 
+import errno
 import functools
 import json
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from rich.console import Console
 from maecli import __version__
 from maecli.config import CONFIG_NAME, MaecliConfig, dump_toml, load_config, write_template
 from maecli.errors import ConfigError, MaecliError
+from maecli.files import out_of_space
 
 app = typer.Typer(
     name="maecli",
@@ -47,6 +49,11 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             for line in err.lines:
                 console.print(line, markup=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
+        except OSError as err:  # a full disk where no file write catches it (making a folder, a lock's few bytes): one line too
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            console.print(out_of_space(Path(err.filename or "."), str(err)).lines[0], markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -45,6 +45,8 @@ def out_of_space(path: Path, err_text: str, partial: int = 0) -> OutOfSpace:
     need = f", needs {int(requested[1]):,} bytes" if requested else ""
     try:
         left = f"{shutil.disk_usage(path.parent).free + partial:,} bytes free"
+        if os.statvfs(path.parent).f_favail == 0:  # a file system can run out of inodes (files) with bytes to spare
+            left += ", but no inode for another file or folder"
     except OSError:
         left = "free space unknown"
     return OutOfSpace(f"{path}: no space left on the device ({left}{need}); free some space and run the same command again")
@@ -118,19 +120,30 @@ def keep_lines(path: Path, keep: Any) -> list[dict[str, Any]]:
 def locked(lock: Path) -> Iterator[str | None]:
     """Try to hold the lock file `lock` while the block runs. Yields None when this process holds it, else who does
     (pid, host, start time), holding nothing. The lock is the operating system's (flock), so a killed holder leaves
-    nothing stale behind: the next process takes it."""
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            yield f.read().strip() or "another process"
-            return
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.flush()
-        yield None  # closing the file releases the lock
+    nothing stale behind: the next process takes it. A holder that ends deletes the file while still holding it;
+    a process that locked the file just before it went looks again, so two never hold one path."""
+    while True:
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                yield f.read().strip() or "another process"
+                return
+            try:
+                if os.stat(lock).st_ino != os.fstat(f.fileno()).st_ino:
+                    continue  # deleted by its last holder after we opened it: lock the new one
+            except FileNotFoundError:
+                continue
+            try:
+                f.seek(0)
+                f.truncate()
+                f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                f.flush()  # a full disk fails here
+                yield None
+            finally:
+                lock.unlink(missing_ok=True)  # still held: nobody else can have locked this file meanwhile
+            return  # closing the file releases the lock
 
 
 @contextmanager

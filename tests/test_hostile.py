@@ -27,26 +27,36 @@ ROOT = Path(__file__).resolve().parents[1]
 ON_SMALL_DISK = """
 import hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
-src, disk, out, free = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+src, disk, out, free, inodes = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "no-inodes"
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=2048", "tmpfs", str(disk)], check=True)
 shutil.copytree(src, disk / "project", symlinks=True)
 def files():
-    return {str(p.relative_to(disk)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(disk.rglob("*")) if p.is_file() and p.name != "filler"}
+    return {str(p.relative_to(disk)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(disk.rglob("*"))
+            if p.is_file() and p.name != "filler" and p.parent.name != "inodes"}
 before = files()
 with open(disk / "filler", "wb") as f:  # leave `free` bytes
     f.write(b"\\0" * (shutil.disk_usage(disk).free - free))
-proc = subprocess.run([sys.executable, "-m", "maecli", *sys.argv[5:]], cwd=disk / "project", capture_output=True, text=True)
+if inodes:  # and no inode: no new file or folder
+    (disk / "inodes").mkdir()
+    try:
+        for i in range(4096):
+            (disk / "inodes" / str(i)).touch()
+    except OSError:
+        pass
+proc = subprocess.run([sys.executable, "-m", "maecli", *sys.argv[6:]], cwd=disk / "project", capture_output=True, text=True)
 (out / "result.json").write_text(json.dumps({"code": proc.returncode, "stderr": proc.stderr, "before": before, "after": files()}))
 """
 
 
-def on_small_disk(tmp_path: Path, project: Path, free: int, *args: str) -> dict:
-    """Run `maecli ARGS` in a copy of `project` on a 16 MiB tmpfs with `free` bytes left; what it printed and did."""
-    (tmp_path / "disk").mkdir()
+def on_small_disk(tmp_path: Path, project: Path, free: int, *args: str, inodes: bool = True) -> dict:
+    """Run `maecli ARGS` in a copy of `project` on a 16 MiB tmpfs with `free` bytes left (and, `inodes=False`, no
+    inode for a new file or folder); what it printed and did."""
+    (tmp_path / "disk").mkdir(parents=True)
     (tmp_path / "out").mkdir()
     script = tmp_path / "on_small_disk.py"
     script.write_text(ON_SMALL_DISK)
-    cmd = ["unshare", "-rm", sys.executable, str(script), str(project), str(tmp_path / "disk"), str(tmp_path / "out"), str(free), *args]
+    cmd = ["unshare", "-rm", sys.executable, str(script), str(project), str(tmp_path / "disk"), str(tmp_path / "out"), str(free),
+           "inodes" if inodes else "no-inodes", *args]
     subprocess.run(cmd, check=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     return json.loads((tmp_path / "out" / "result.json").read_text())
 
@@ -80,6 +90,26 @@ def test_pretrain_on_a_full_disk_says_so_and_keeps_the_run(runner, tmp_path, sto
     checkpoints = sorted(name.rsplit("/", 1)[1] for name in r["after"] if "/checkpoints/" in name)
     assert checkpoints == ["step-00000005.safetensors", "step-00000005.state.pt", "step-00000010.safetensors", "step-00000010.state.pt"]
     assert all(r["after"][name] == r["before"][name] for name in r["before"] if "/checkpoints/" in name)
+
+
+def test_a_full_disk_when_making_a_folder_or_a_lock_is_one_line_too(runner, tmp_path, store):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copytree(store, project / "frames")
+    config = write_project(project, "frames", pretrain={"steps": 2, "checkpoint_every": 2})
+    assert runner.invoke(app, ["pretrain", "-c", str(config)]).exit_code == 0
+    assert not list(project.rglob(".lock")) and not list((project / "frames").rglob("*.lock"))  # a clean exit leaves no lock file
+    # a new run folder with no inode left: the folder cannot be made
+    r = on_small_disk(tmp_path / "a", project, 1 << 20, "pretrain", "-c", "maecli.toml", "--set", "pretrain.run=other", inodes=False)
+    assert r["code"] == 1 and "Traceback" not in r["stderr"], r["stderr"]
+    assert r["stderr"].splitlines()[-1].endswith("/project/runs/other: no space left on the device (1,048,576 bytes free, but no inode for "
+                                                 "another file or folder); free some space and run the same command again")
+    # the run folder exists, but not a byte is left for the lock's line (pid, host, time)
+    r = on_small_disk(tmp_path / "b", project, 0, "pretrain", "-c", "maecli.toml", "--set", "pretrain.steps=4")
+    assert r["code"] == 1 and "Traceback" not in r["stderr"], r["stderr"]
+    last = r["stderr"].splitlines()[-1]
+    assert ": no space left on the device (" in last and last.endswith("; free some space and run the same command again")
+    assert r["after"] == r["before"]  # nothing changed, no lock left behind
 
 
 def truncate(path: Path) -> None:
