@@ -112,10 +112,10 @@ def frozen_scores(probe: dict[str, Any], dense: bool) -> dict[str, float]:
 
 
 def method_config(cfg: MaecliConfig, name: str, steps: int) -> MaecliConfig:
-    """The project's config for one method's run: [pretrain]'s recipe, this method, the plan's steps, a checkpoint at
-    every eighth of them (all kept)."""
+    """The project's config for one method's run: [pretrain]'s recipe, this method, the plan's steps with [compare]
+    warmup of them warming up (at least one), a checkpoint at every eighth of them (all kept)."""
     pc = cfg.pretrain.model_copy(update=dict(run=f"{cfg.compare.run}/{name}", method=name, steps=steps, checkpoint_every=steps // EIGHTHS,
-                                             keep_last=EIGHTHS))
+                                             keep_last=EIGHTHS, warmup_steps=max(1, round(cfg.compare.warmup * steps))))
     return cfg.model_copy(update=dict(pretrain=pc))
 
 

@@ -370,6 +370,7 @@ class CompareConfig(Section):
     budget_flops: float = Field(0.0, ge=0, description="Training FLOPs per method (analytic, forward + backward).")
     budget_steps: int = Field(0, ge=0, description="Steps of the reference method (the first); the others get the same FLOPs.")
     finetune_epochs: int = Field(0, ge=0, description="Then fine-tune each method's final encoder, and a random-init one, for this many epochs ([finetune]'s recipe; 0: not).")
+    warmup: float = Field(0.05, ge=0, lt=1, description="Each method's linear warmup as a fraction of its steps (the methods run for different step counts; [pretrain]'s warmup is for one run).")
 
     @field_validator("budget")
     @classmethod

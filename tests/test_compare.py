@@ -4,6 +4,7 @@ the floors, fine-tuning, resuming, and the one-line errors."""
 import json
 import math
 import re
+import tomllib
 
 import numpy as np
 import pytest
@@ -82,6 +83,8 @@ def test_compare_takes_the_frame_pair_methods_at_the_same_flops(runner, tmp_path
     for name, m in report["methods"].items():  # each gets the FLOPs of 32 MAE steps, in whole eighths
         assert m["steps"] == math.floor(32 * flops["mae"] / flops[name]) // 8 * 8 and m["flops"] <= 32 * flops["mae"]
         assert len(m["points"]) == 4 and all(0 <= p["linear"] <= 1 for p in m["points"])
+        run = tomllib.loads((tmp_path / "runs" / "compare" / name / "config.toml").read_text())["pretrain"]
+        assert run["steps"] == m["steps"] and run["warmup_steps"] == max(1, round(0.05 * m["steps"]))  # each warms up for 5% of its run
     assert flops["siammae"] > 1.5 * flops["mae"] and report["methods"]["siammae"]["steps"] < 32  # a whole frame and a masked one
     summary = json.loads((tmp_path / "runs" / "compare" / "siammae" / "summary.json").read_text())
     assert summary["method"] == "siammae" and summary["steps"] == report["methods"]["siammae"]["steps"]
