@@ -19,9 +19,12 @@ class ConfigError(MaecliError):
 
 
 class Interrupted(MaecliError):
-    """Ctrl-C: the job stopped cleanly and can be resumed by running the same command (exit code 130)."""
+    """Ctrl-C or SIGTERM: the job stopped cleanly and can be resumed by running the same command (exit code 128 + the
+    signal's number, as a shell reports a process the signal ended: 130 for Ctrl-C, 143 for SIGTERM)."""
 
-    exit_code = 130
+    def __init__(self, *lines: str, signum: int = 2) -> None:
+        super().__init__(*lines)
+        self.exit_code = 128 + signum
 
 
 class CheckpointError(MaecliError):

@@ -46,12 +46,13 @@ from maecli.figures import plot_confusion, plot_curves, plot_iou, save_segmentat
 from maecli.files import append_line, atomic_write, keep_lines, owned, read_lines, write_json
 from maecli.inference import load_for_inference, random_encoder
 from maecli.labeled import Labeled, input_size, load_labeled, scores_report
-from maecli.loop import decays, distributed, for_training, get_lr, progress_bar, stop_on_ctrl_c
+from maecli.loop import decays, distributed, for_training, get_lr, progress_bar, stop_on_signals
 from maecli.model import MaskedAutoencoder
 from maecli.segmentation import seg_scores
 from maecli.vit import classifier, dense_logits, load_snippet, segmenter, timm_spec
 
 BASELINES = ("random",)
+STOP_EVERY = 10  # under torchrun, the ranks agree on a Ctrl-C or SIGTERM every this many steps (a small all-reduce)
 RESUMABLE = ("checkpoint_every", "keep_last", "compile", "compile_mode")  # settings a run may change between resumes
 
 
@@ -128,7 +129,7 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     loss_sum, loss_steps, last_ckpt, t_run, t_epoch = torch.zeros((), device=device), 0, weights, time.perf_counter(), time.perf_counter()
     val_result = None  # the last evaluation (`validate`): the one reported
     name = run_dir.name.replace("-", " ")
-    with stop_on_ctrl_c(enabled=world == 1) as stop, progress_bar(console, f"finetune {name}") as progress:
+    with stop_on_signals(world, STOP_EVERY, device) as stop, progress_bar(console, f"finetune {name}") as progress:
         task = progress.add_task("finetune", total=total, completed=start, epoch=start // steps_per_epoch, loss="-", lr="-", ips="-")
         for step in range(start, total):
             step_lr = get_lr(step, total=total, warmup=warmup, lr=lr, min_lr=fc.min_lr)
@@ -160,7 +161,8 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
             loss_steps += 1
             done = step + 1
             at_eval = (done % steps_per_epoch == 0 and (done // steps_per_epoch) % fc.checkpoint_every == 0) or done == total
-            if at_eval or stop["requested"]:
+            stopping = stop.now(done)
+            if at_eval or stopping:
                 train_loss = epoch_loss(loss_sum, loss_steps, world)
                 if not math.isfinite(train_loss):
                     good = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
@@ -178,8 +180,11 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
                     meta = {"config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__, "classes": json.dumps(data.classes)}
                     last_ckpt = save_checkpoint(run_dir / "checkpoints", done, raw, optimizer, ckpt_arch, meta, fc.keep_last)
             progress.update(task, completed=done)
-            if stop["requested"]:
-                raise Interrupted(f"interrupted: checkpoint written at step {done} ({last_ckpt}); run the same command again to resume")
+            if stopping or (at_eval and stop.now(done)):  # a signal during this step's checkpoint: it is written already
+                if world > 1:
+                    dist.barrier()  # rank 0's checkpoint is written before any rank ends
+                raise Interrupted(f"interrupted ({stop.name}): checkpoint written at step {done} ({last_ckpt if is_main else 'by rank 0'}); "
+                                  "run the same command again to resume", signum=stop.signum)
     if not is_main:
         return None
     seconds = time.perf_counter() - t_run

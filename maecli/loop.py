@@ -1,5 +1,6 @@
 """What every training loop here shares (`pretrain` and `finetune`): the process group, the learning-rate schedule,
-AdamW's weight-decay rule, Ctrl-C, the progress bar and peak memory. Each command owns its own loop."""
+AdamW's weight-decay rule, stopping on Ctrl-C or SIGTERM, the progress bar and peak memory. Each command owns its own
+loop."""
 
 import math
 import os
@@ -63,25 +64,52 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class Stop:
+    """A stop asked for by SIGINT (Ctrl-C) or SIGTERM (what Slurm sends at a job's time limit, Kubernetes before it
+    evicts a pod, `timeout` when its time is up): the loop finishes its step, writes a checkpoint and stops, exiting
+    with 128 + the signal's number. `now(done)` says whether to stop after step `done`: at once in one process; under
+    torchrun (which forwards SIGTERM to every rank; Ctrl-C reaches them all) at the first step that is a multiple of
+    `every`, where the ranks agree with one small all-reduce, so all of them stop at the same step and rank 0 writes
+    its checkpoint."""
+
+    def __init__(self, world: int, every: int, device: torch.device) -> None:
+        self.world, self.every, self.device = world, every, device
+        self.signum = 0  # the signal received, 0: none
+
+    def now(self, done: int) -> bool:
+        if self.world == 1:
+            return self.signum > 0
+        if done % self.every:
+            return False
+        flag = torch.tensor(self.signum, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank, at the same steps: a signal to one rank stops them all
+        self.signum = int(flag.item())
+        return self.signum > 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
 @contextmanager
-def stop_on_ctrl_c(enabled: bool) -> Iterator[dict[str, bool]]:
-    """Ctrl-C sets `stop["requested"]`: the loop finishes its step, writes a checkpoint and stops; a second Ctrl-C
-    stops at once. Single-process only: under torchrun the flag would reach rank 0 alone and desynchronize the
-    collectives; torchrun stops its workers, and the run resumes from its last checkpoint."""
-    stop = {"requested": False}
-    if not enabled or threading.current_thread() is not threading.main_thread():
+def stop_on_signals(world: int, every: int, device: torch.device) -> Iterator[Stop]:
+    """SIGINT and SIGTERM set a `Stop` for the block (in the main thread); a second signal stops at once."""
+    stop = Stop(world, every, device)
+    if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def request_stop(signum: int, frame: Any) -> None:
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, previous)
+        stop.signum = signum
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
-    previous = signal.signal(signal.SIGINT, request_stop)
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def progress_bar(console: Console | None, label: str) -> Progress:

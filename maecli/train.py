@@ -28,7 +28,7 @@ from maecli.figures import plot_loss, save_reconstructions
 from maecli.files import append_line, keep_lines, owned, write_json, write_text
 from maecli.inference import fixed_noise
 from maecli.inputs import Inputs, shown_split
-from maecli.loop import distributed, for_training, get_lr, param_groups, peak_memory_mib, progress_bar, stop_on_ctrl_c
+from maecli.loop import distributed, for_training, get_lr, param_groups, peak_memory_mib, progress_bar, stop_on_signals
 from maecli.methods import method_of
 from maecli.model import MaskedAutoencoder
 from maecli.methods.simclr import collapse_note
@@ -101,7 +101,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, found without a host sync
     last_ckpt, t_run = None, time.perf_counter()
     try:
-        with stop_on_ctrl_c(enabled=world == 1) as stop, progress_bar(console, "pretrain") as progress:
+        with stop_on_signals(world, pc.log_every, device) as stop, progress_bar(console, "pretrain") as progress:  # ranks agree at log steps
             task = progress.add_task("pretrain", total=sched.total, completed=start, epoch=start // sched.steps_per_epoch, loss="-", lr="-", ips="-")
             for step in range(start, sched.total):
                 lr = get_lr(step, total=sched.total, warmup=sched.warmup, lr=sched.lr, min_lr=pc.min_lr)
@@ -121,7 +121,8 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
                 step_loss = loss_sum / pc.accum_iter
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)  # step: a kernel argument, not a copy
                 done = step + 1
-                at_ckpt = done % pc.checkpoint_every == 0 or done == sched.total or stop["requested"]
+                stopping = stop.now(done)
+                at_ckpt = done % pc.checkpoint_every == 0 or done == sched.total or stopping
                 if done % pc.log_every == 0 or at_ckpt:
                     loss_value = checked_loss(step_loss, first_bad, world, last_ckpt)  # every rank: a collective
                     if is_main:
@@ -133,8 +134,11 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
                     with autocast:
                         log.snapshot(raw, done)
                 progress.update(task, completed=done)
-                if stop["requested"]:
-                    raise Interrupted(f"interrupted: checkpoint written at step {done} ({last_ckpt}); run the same command again to resume")
+                if stopping or (at_ckpt and stop.now(done)):  # a signal during this step's checkpoint: it is written already
+                    if world > 1:
+                        dist.barrier()  # rank 0's checkpoint is written before any rank ends (torchrun stops the rest when one ends)
+                    raise Interrupted(f"interrupted ({stop.name}): checkpoint written at step {done} ({last_ckpt if is_main else 'by rank 0'}); "
+                                      "run the same command again to resume", signum=stop.signum)
     finally:
         loader.close()
     if not is_main:

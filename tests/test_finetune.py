@@ -104,22 +104,25 @@ def final_classifier(folder, kind="classification"):
     return load_file(folder / "runs" / "pretrain" / "finetune" / "pretrained" / f"{KINDS[kind][1]}.safetensors")
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_killed_run_resumes_bit_identical(runner, tmp_path, trained, request, kind):
+@pytest.mark.parametrize("kind,sig", [*((kind, signal.SIGKILL) for kind in KINDS), ("classification", signal.SIGTERM)])
+def test_killed_run_resumes_bit_identical(runner, tmp_path, trained, request, kind, sig):
     labeled = request.getfixturevalue(KINDS[kind][0])
     kw = dict(epochs=12, drop_path=0.2, hflip=True, **KINDS[kind][2])  # every source of randomness on (mixing: whole images only)
     result, _ = finetune(runner, project(tmp_path / "ref", trained, labeled, **kw), "--json")
     assert result.exit_code == 0, result.output
     config = project(tmp_path / "cut", trained, labeled, **kw)
-    proc = subprocess.Popen([sys.executable, "-m", "maecli", "finetune", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "maecli", "finetune", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpts = tmp_path / "cut" / "runs" / "pretrain" / "finetune" / "pretrained" / "checkpoints"
     deadline = time.monotonic() + 120
     while not list(ckpts.glob("step-*.safetensors")) and time.monotonic() < deadline:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate()
     written = sorted(ckpts.glob("step-*.safetensors"))
     assert written and written[-1].name != checkpoint_files(ckpts, 72)[0].name, "the run finished before it could be killed"
+    if sig == signal.SIGTERM:  # a checkpoint at the step it was stopped at, one line, exit 143
+        assert proc.returncode == 143 and stderr.splitlines()[-1] == (f"interrupted (SIGTERM): checkpoint written at step "
+                                                                      f"{int(written[-1].name[5:13])} ({written[-1]}); run the same command again to resume")
     result, report = finetune(runner, config, "--json")
     assert result.exit_code == 0, result.output
     r = report["results"]["pretrained"]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 import signal
 import subprocess
 import sys
@@ -84,8 +85,8 @@ def test_weight_decay_groups():
     assert "pos_embed" not in skipped | decayed  # fixed sin-cos: not trained at all
 
 
-@pytest.mark.parametrize("sig,method", [(signal.SIGKILL, "mae"), (signal.SIGINT, "mae"), (signal.SIGKILL, "simclr"), (signal.SIGKILL, "siammae"),
-                                        (signal.SIGKILL, "cropmae")])
+@pytest.mark.parametrize("sig,method", [(signal.SIGKILL, "mae"), (signal.SIGINT, "mae"), (signal.SIGTERM, "mae"), (signal.SIGKILL, "simclr"),
+                                        (signal.SIGKILL, "siammae"), (signal.SIGKILL, "cropmae")])
 def test_interrupted_run_resumes_bit_identical(runner, tmp_path, store, sig, method):
     (tmp_path / "ref").mkdir()
     (tmp_path / "cut").mkdir()
@@ -102,9 +103,11 @@ def test_interrupted_run_resumes_bit_identical(runner, tmp_path, store, sig, met
     _, stderr = proc.communicate()
     written = sorted(ckpts.glob("step-*.safetensors"))
     assert written and "step-00000300" not in written[-1].name, "the run finished before it could be interrupted"
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130
-        assert "run the same command again to resume" in stderr.splitlines()[-1]
+    if sig != signal.SIGKILL:  # Ctrl-C, or SIGTERM as Slurm, Kubernetes and `timeout` send it: a checkpoint at the current step
+        assert proc.returncode == 128 + sig, stderr
+        step = int(written[-1].name[5:13])
+        assert stderr.splitlines()[-1] == (f"interrupted ({signal.Signals(sig).name}): checkpoint written at step {step} ({written[-1]}); run the "
+                                           "same command again to resume")
     else:  # a kill can land mid-append: the torn last line must not stop the resume
         with open(tmp_path / "cut" / "runs" / "pretrain" / "metrics.jsonl", "a") as f:
             f.write('{"step": 1, "epo')
@@ -114,6 +117,34 @@ def test_interrupted_run_resumes_bit_identical(runner, tmp_path, store, sig, met
     assert_identical(final_weights(tmp_path / "cut", 300), final_weights(tmp_path / "ref", 300))
     metrics = [json.loads(line)["step"] for line in (tmp_path / "cut" / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert metrics == list(range(5, 301, 5))  # nothing logged twice
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resumes_bit_identical(runner, tmp_path, store):
+    """torchrun forwards SIGTERM to both ranks; they agree at the next log step, rank 0 writes that step's checkpoint,
+    and the resumed run ends with the weights of a run never stopped (2 processes both)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "maecli", "pretrain", "-c"]
+    kw = dict(batch_size=4, steps=400, checkpoint_every=200, log_every=5)
+    for name in ("ref", "cut"):
+        (tmp_path / name).mkdir()
+    ref = subprocess.run([*torchrun, str(project(tmp_path / "ref", store, **kw))], capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    config = project(tmp_path / "cut", store, **kw)
+    proc = subprocess.Popen([*torchrun, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "runs" / "pretrain" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0, 1))  # a random moment of training, before the first periodic checkpoint (step 200)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    written = sorted((tmp_path / "cut" / "runs" / "pretrain" / "checkpoints").glob("step-*.safetensors"))
+    assert len(written) == 1, stderr[-3000:]
+    step = int(written[0].name[5:13])
+    assert 0 < step < 200 and step % 5 == 0, step  # a log step, where the ranks agree
+    assert f"interrupted (SIGTERM): checkpoint written at step {step} ({written[0]}); run the same command again to resume" in stderr
+    resumed = subprocess.run([*torchrun, str(config)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_identical(final_weights(tmp_path / "cut", 400), final_weights(tmp_path / "ref", 400))
 
 
 @pytest.mark.parametrize("method", ["mae", "simclr", "siammae", "cropmae"])
