@@ -82,12 +82,20 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing project file.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a commented maecli.toml with every option at its default."""
+    """Write a commented maecli.toml with every option at its default (sized for a GPU; says so on a machine without one)."""
+    import torch
+
+    from maecli.loop import CPU_SIZED
+
     path = write_template(directory, force=force)
+    gpu = torch.cuda.is_available()
     if json_out:
-        print_json({"config": str(path)})
-    else:
-        console.print(f"Wrote {path}. Edit it, then check it with: maecli config -c {path}", markup=False, soft_wrap=True)
+        print_json({"config": str(path), "gpu": gpu})
+        return
+    console.print(f"Wrote {path}. Edit it, then check it with: maecli config -c {path}", markup=False, soft_wrap=True)
+    if not gpu:
+        console.print(f"No GPU here: the defaults (ViT-B/16 at 224, 100 epochs) are sized for one and take days on a CPU; the quickstart's "
+                      f"CPU size is {CPU_SIZED}", markup=False, soft_wrap=True)
 
 
 @app.command("config")

@@ -46,7 +46,7 @@ from maecli.figures import plot_confusion, plot_curves, plot_iou, save_segmentat
 from maecli.files import append_line, atomic_write, keep_lines, owned, read_lines, write_json
 from maecli.inference import load_for_inference, random_encoder
 from maecli.labeled import Labeled, input_size, load_labeled, scores_report
-from maecli.loop import decays, distributed, for_training, get_lr, progress_bar, stop_on_signals
+from maecli.loop import PROJECT_STEPS, decays, distributed, for_training, get_lr, log_line, progress_bar, projection, stop_on_signals
 from maecli.model import MaskedAutoencoder
 from maecli.segmentation import seg_scores
 from maecli.vit import classifier, dense_logits, load_snippet, segmenter, timm_spec
@@ -127,6 +127,7 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
         write_json(run_dir / "settings.json", settings)
         keep_lines(metrics, lambda r: r["step"] <= start)  # a killed run's later rows go
     loss_sum, loss_steps, last_ckpt, t_run, t_epoch = torch.zeros((), device=device), 0, weights, time.perf_counter(), time.perf_counter()
+    plain, t_first = console is not None and not console.is_terminal, 0.0  # off a terminal: a plain line per evaluation
     val_result = None  # the last evaluation (`validate`): the one reported
     name = run_dir.name.replace("-", " ")
     with stop_on_signals(world, STOP_EVERY, device) as stop, progress_bar(console, f"finetune {name}") as progress:
@@ -160,6 +161,14 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
             loss_sum += loss.detach()
             loss_steps += 1
             done = step + 1
+            if done - start in (1, 1 + PROJECT_STEPS) and console is not None:  # the first steps time the projected duration
+                progress.update(task, loss=f"{loss.item():.4f}", lr=f"{step_lr:.2e}")  # .item(): the step has run
+                if done - start == 1:
+                    t_first = time.perf_counter()
+                elif done < total:
+                    step_seconds = (time.perf_counter() - t_first) / PROJECT_STEPS
+                    progress.update(task, ips=f"{plan.global_batch / step_seconds:.1f}")
+                    console.print(projection(f"finetune {name}", total - done, step_seconds, time.perf_counter() - t_run, device), markup=False, soft_wrap=True)
             at_eval = (done % steps_per_epoch == 0 and (done // steps_per_epoch) % fc.checkpoint_every == 0) or done == total
             stopping = stop.now(done)
             if at_eval or stopping:
@@ -175,6 +184,10 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
                                images_per_s=round(loss_steps * plan.global_batch / seconds, 2))
                     append_line(metrics, json.dumps(row))
                     progress.update(task, epoch=row["epoch"], loss=f"{train_loss:.4f}", lr=f"{step_lr:.2e}", ips=f"{row['images_per_s']:.1f}")
+                    if plain:
+                        elapsed = time.perf_counter() - t_run
+                        console.print(log_line(f"finetune {name}", done, total, done / steps_per_epoch, train_loss, step_lr, row["images_per_s"], None,
+                                               elapsed, (total - done) * elapsed / (done - start)), markup=False, soft_wrap=True)
                 loss_steps, t_epoch = 0, time.perf_counter()
                 if is_main:
                     meta = {"config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__, "classes": json.dumps(data.classes)}

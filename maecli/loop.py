@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -110,6 +111,46 @@ def stop_on_signals(world: int, every: int, device: torch.device) -> Iterator[St
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+CPU_SIZED = ("[model] preset = \"vit_tiny\", depth = 6, img_size = [48, 96], patch_size = 8 with [pretrain] steps = 1000 "
+             "(a few CPU-minutes)")  # what the quickstart trains on a CPU
+LONG_ON_CPU = 3 * 3600  # seconds: a CPU run projected past this is told which settings make it fit
+
+
+def duration(seconds: float) -> str:
+    """12 s, 3 min 20 s, 2 h 05 min, 3 d 4 h."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def projection(label: str, steps_left: int, step_seconds: float, elapsed: float, device: torch.device) -> str:
+    """The line that says what a run will cost, from its first measured steps; on a CPU, past a few hours, what to
+    change to make it fit."""
+    left = steps_left * step_seconds
+    ends = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + left))
+    line = (f"{label}: {step_seconds:.3g} s a step over the first steps: {steps_left:,} steps more take about {duration(left)} "
+            f"(ends about {ends}; {duration(elapsed)} so far)")
+    if device.type == "cpu" and left > LONG_ON_CPU:
+        line += (". That is long for this CPU (the defaults are sized for a GPU): a smaller model or input, or fewer epochs/steps, make it "
+                 f"fit; the quickstart's CPU size is {CPU_SIZED}")
+    return line
+
+
+def log_line(label: str, step: int, total: int, epoch: float, loss: float, lr: float, ips: float, wait: float | None,
+             elapsed: float, eta: float) -> str:
+    """One plain progress line, as the official MAE's logger prints: what a job's log shows off a terminal."""
+    return (f"{label}  step {step}/{total}  epoch {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  {ips:.1f} img/s"
+            + (f"  data wait {100 * wait:.1f}%" if wait is not None else "") + f"  elapsed {duration(elapsed)}  ETA {duration(eta)}")
+
+
+PROJECT_STEPS = 3  # the steps after the first (which compiles and warms up) that the projected duration is measured on
 
 
 def progress_bar(console: Console | None, label: str) -> Progress:

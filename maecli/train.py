@@ -28,7 +28,7 @@ from maecli.figures import plot_loss, save_reconstructions
 from maecli.files import append_line, keep_lines, owned, write_json, write_text
 from maecli.inference import fixed_noise
 from maecli.inputs import Inputs, shown_split
-from maecli.loop import distributed, for_training, get_lr, param_groups, peak_memory_mib, progress_bar, stop_on_signals
+from maecli.loop import PROJECT_STEPS, distributed, for_training, get_lr, log_line, param_groups, peak_memory_mib, progress_bar, projection, stop_on_signals
 from maecli.methods import method_of
 from maecli.model import MaskedAutoencoder
 from maecli.methods.simclr import collapse_note
@@ -99,7 +99,8 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     log = RunLog(cfg, start, raw, device) if is_main else None
     loader = Loader(store, samples, plan, start * pc.accum_iter, device, method.draw)
     first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, found without a host sync
-    last_ckpt, t_run = None, time.perf_counter()
+    last_ckpt, t_run, t_first = None, time.perf_counter(), 0.0
+    plain = console is not None and not console.is_terminal  # nohup, Slurm, `2> log`: plain lines instead of the bar
     try:
         with stop_on_signals(world, pc.log_every, device) as stop, progress_bar(console, "pretrain") as progress:  # ranks agree at log steps
             task = progress.add_task("pretrain", total=sched.total, completed=start, epoch=start // sched.steps_per_epoch, loss="-", lr="-", ips="-")
@@ -123,11 +124,24 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
                 done = step + 1
                 stopping = stop.now(done)
                 at_ckpt = done % pc.checkpoint_every == 0 or done == sched.total or stopping
-                if done % pc.log_every == 0 or at_ckpt:
-                    loss_value = checked_loss(step_loss, first_bad, world, last_ckpt)  # every rank: a collective
-                    if is_main:
+                early = done - start in (1, 1 + PROJECT_STEPS)  # the first steps fill the bar and time the projection
+                if done % pc.log_every == 0 or at_ckpt or early:
+                    loss_value = checked_loss(step_loss, first_bad, world, last_ckpt)  # every rank: a collective (and a host sync)
+                    now = time.perf_counter()
+                    if is_main and (done % pc.log_every == 0 or at_ckpt):
                         row = log.metrics(done, done / sched.steps_per_epoch, loss_value, lr, grad_norm.item(), sched.batch, loader.waited)
                         progress.update(task, epoch=done // sched.steps_per_epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", ips=f"{row['images_per_s']:.1f}")
+                        if plain:
+                            console.print(log_line("pretrain", done, sched.total, done / sched.steps_per_epoch, loss_value, lr, row["images_per_s"],
+                                                   row["data_wait"], now - t_run, (sched.total - done) * (now - t_run) / (done - start)), markup=False, soft_wrap=True)
+                    elif is_main:
+                        progress.update(task, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                    if done - start == 1:
+                        t_first = now
+                    elif early and console is not None and done < sched.total:
+                        step_seconds = (now - t_first) / PROJECT_STEPS
+                        progress.update(task, ips=f"{sched.batch / step_seconds:.1f}")
+                        console.print(projection("pretrain", sched.total - done, step_seconds, now - t_run, device), markup=False, soft_wrap=True)
                 if is_main and at_ckpt:
                     meta = {"method": method.name, "config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__}
                     last_ckpt = save_checkpoint(cfg.run_dir / "checkpoints", done, raw, optimizer, canonical_arch(mc.mae_kwargs), meta, pc.keep_last)

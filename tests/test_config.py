@@ -21,6 +21,15 @@ def test_init_then_config_in_empty_folder(runner, tmp_path, monkeypatch):
     result = runner.invoke(app, ["init"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / CONFIG_NAME).is_file()
+    import torch
+
+    lines = result.stderr.splitlines()
+    if torch.cuda.is_available():
+        assert len(lines) == 1
+    else:  # its closing line says the defaults are a GPU's, and what fits a CPU
+        assert lines[-1] == ("No GPU here: the defaults (ViT-B/16 at 224, 100 epochs) are sized for one and take days on a CPU; the quickstart's "
+                             'CPU size is [model] preset = "vit_tiny", depth = 6, img_size = [48, 96], patch_size = 8 with [pretrain] steps = 1000 '
+                             "(a few CPU-minutes)")
     result = runner.invoke(app, ["config", "--json"])
     assert result.exit_code == 0, result.output
     cfg = json.loads(result.stdout)
@@ -46,7 +55,9 @@ def test_init_refuses_to_overwrite_unless_forced(runner, tmp_path):
     assert (tmp_path / CONFIG_NAME).read_text() == "# mine\n"
     result = runner.invoke(app, ["init", str(tmp_path), "--force", "--json"])
     assert result.exit_code == 0
-    assert json.loads(result.stdout) == {"config": str(tmp_path / CONFIG_NAME)}
+    import torch
+
+    assert json.loads(result.stdout) == {"config": str(tmp_path / CONFIG_NAME), "gpu": torch.cuda.is_available()}
     assert (tmp_path / CONFIG_NAME).read_text() == template()
 
 

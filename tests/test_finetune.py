@@ -2,6 +2,7 @@
 kill -9, torchrun, the recipe's pieces, and bad input."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,11 @@ def test_finetunes_reports_and_exports_a_timm_classifier(runner, tmp_path, train
         assert [row["epoch"] for row in r["curve"]] == [1, 2, 3] and r["steps"] == 3 * 6  # 96 images, batch 16
         assert r["curve"][-1]["train_loss"] < r["curve"][0]["train_loss"]
         assert sum(map(sum, r["confusion"])) == 30 and set(r["per_class"]) == set(COLORS)
+        # off a terminal: the projected duration after the first steps, then a plain line per evaluation
+        logged = [line for line in result.stderr.splitlines() if line.startswith(f"finetune {name}")]
+        assert logged[0].startswith(f"finetune {name}: ") and " s a step over the first steps: 14 steps more take about " in logged[0]
+        assert [re.search(r"  step (\d+)/18  epoch ", line)[1] for line in logged[1:]] == ["6", "12", "18"]
+        assert all(f"loss {row['train_loss']:.4f}  " in line for line, row in zip(logged[1:], r["curve"], strict=True))
         folder = out / name.replace(" ", "-")
         assert (folder / "confusion.png").stat().st_size > 0 and json.loads((folder / "summary.json").read_text())["top1"] == r["top1"]
         # the exported classifier, loaded by the line the tool prints, predicts what the report says

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from maecli.checkpoint import read_weights, save_hf, save_official
 from maecli.cli import app
 from maecli.model import MaskedAutoencoder
-from maecli.loop import get_lr, param_groups
+from maecli.loop import get_lr, param_groups, projection
 from tests.conftest import TINY, write_project
 
 def project(folder: Path, store: Path, **pretrain) -> Path:
@@ -56,6 +57,29 @@ def test_loss_decreases_and_artifacts_are_written(runner, tmp_path, store):
     # a finished run re-run does no more steps
     again, summary = pretrain(runner, project(tmp_path, store, steps=60, checkpoint_every=30, keep_last=1))
     assert again.exit_code == 0 and summary["steps_this_run"] == 0 and summary["final_loss"] == rows[-1]["loss"]
+
+
+def test_off_a_terminal_a_run_says_its_projected_time_then_a_line_per_log_step(runner, tmp_path, store):
+    """Under nohup, Slurm or `2> log` (CliRunner's stderr is no terminal either) the bar is hidden: the projected
+    duration after the first steps, then one plain line per log step, as the official MAE's logger prints."""
+    result, summary = pretrain(runner, project(tmp_path, store, steps=20, log_every=5, checkpoint_every=20))
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert re.fullmatch(r"pretrain: [0-9.e-]+ s a step over the first steps: 16 steps more take about \d+ s \(ends about "
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d; \d+ s so far\)", lines[0]), lines[0]
+    logged = [line for line in lines if line.startswith("pretrain  step ")]
+    assert [int(re.search(r"step (\d+)/20 ", line)[1]) for line in logged] == [5, 10, 15, 20]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    for line, row in zip(logged, rows, strict=True):  # the numbers of metrics.jsonl
+        assert f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['images_per_s']:.1f} img/s  data wait {100 * row['data_wait']:.1f}%  elapsed " in line
+        assert re.search(r"  ETA \d+ s$", line)
+    # a CPU run projected past a few hours says what makes it fit (on a GPU, not)
+    long = projection("pretrain", 100_000, 0.5, 3.0, torch.device("cpu"))
+    assert long.startswith("pretrain: 0.5 s a step over the first steps: 100,000 steps more take about 13 h 53 min (ends about ")
+    assert long.endswith("That is long for this CPU (the defaults are sized for a GPU): a smaller model or input, or fewer epochs/steps, make "
+                         'it fit; the quickstart\'s CPU size is [model] preset = "vit_tiny", depth = 6, img_size = [48, 96], patch_size = 8 '
+                         "with [pretrain] steps = 1000 (a few CPU-minutes)")
+    assert "long for this" not in projection("pretrain", 100_000, 0.5, 3.0, torch.device("cuda"))
 
 
 def test_lr_schedule_follows_the_formula(runner, tmp_path, store):
