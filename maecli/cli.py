@@ -6,6 +6,7 @@ an exit code (2: configuration or usage, 1: runtime). Heavy imports (torch, timm
 
 import errno
 import functools
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -83,19 +84,26 @@ def init(
     json_out: JsonOpt = False,
 ) -> None:
     """Write a commented maecli.toml with every option at its default (sized for a GPU; says so on a machine without one)."""
-    import torch
-
-    from maecli.loop import CPU_SIZED
-
     path = write_template(directory, force=force)
-    gpu = torch.cuda.is_available()
+    gpu = gpu_here()
     if json_out:
         print_json({"config": str(path), "gpu": gpu})
         return
     console.print(f"Wrote {path}. Edit it, then check it with: maecli config -c {path}", markup=False, soft_wrap=True)
-    if not gpu:
+    if gpu is False:
+        from maecli.loop import CPU_SIZED
+
         console.print(f"No GPU here: the defaults (ViT-B/16 at 224, 100 epochs) are sized for one and take days on a CPU; the quickstart's "
                       f"CPU size is {CPU_SIZED}", markup=False, soft_wrap=True)
+
+
+def gpu_here() -> bool | None:
+    """Whether torch sees a CUDA device; None where torch is not installed (the extraction-only installs)."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @app.command("config")
