@@ -7,7 +7,7 @@
 2. All clips: extraction with 1 and 2 worker processes.
 3. Frame store reads: random batches of 256 frames from one process, against what a training step of
    the default model (MAE ViT-B/16, 224 px) consumes on this CPU, and against what an H100 would
-   consume at 45% MFU (analytic FLOPs: `maecli.methods.analytic_flops`).
+   consume at 45% MFU (analytic FLOPs: `maecli.methods.mae.analytic_flops`).
 """
 
 import argparse

@@ -56,6 +56,12 @@ def _positive(value: tuple[int, int]) -> tuple[int, int]:
     return value
 
 
+def _positive_range(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < value[0] <= value[1]:
+        raise ValueError(f"must be [low, high] with 0 < low <= high (got {list(value)})")
+    return value
+
+
 def _area_range(value: tuple[float, float]) -> tuple[float, float]:
     if not 0 < value[0] <= value[1] <= 1:
         raise ValueError(f"must be [low, high] with 0 < low <= high <= 1 (got {list(value)})")
@@ -234,12 +240,7 @@ class SimclrConfig(Section):
 
     _scale_range = field_validator("crop_scale")(_area_range)
 
-    @field_validator("blur_sigma")
-    @classmethod
-    def _sigma_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1]:
-            raise ValueError(f"must be [low, high] with 0 < low <= high (got {list(value)})")
-        return value
+    _sigma_range = field_validator("blur_sigma")(_positive_range)
 
 
 class SiammaeConfig(Section):
@@ -250,12 +251,7 @@ class SiammaeConfig(Section):
     gap: tuple[float, float] = Field((0.13, 1.6), description="Seconds from the earlier frame to the later, [min, max]: the later frame is drawn uniformly among the video's frames in range (the paper: 4-48 frames at 30 fps).")
     mask_ratio: float = Field(0.95, gt=0, lt=1, description="Fraction of the later frame's patches hidden from the encoder.")
 
-    @field_validator("gap")
-    @classmethod
-    def _gap_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1]:
-            raise ValueError(f"must be [min, max] seconds with 0 < min <= max (got {list(value)})")
-        return value
+    _gap_range = field_validator("gap")(_positive_range)
 
 
 class CropmaeConfig(Section):

@@ -41,10 +41,6 @@ class Samples:
         """Every frame on its own (MAE, SimCLR, CropMAE)."""
         return cls(first=np.arange(num_frames))
 
-    @property
-    def frames_per_sample(self) -> int:
-        return 1 if self.lo is None else 2
-
     def frames(self, pos: np.ndarray, u: np.ndarray) -> np.ndarray:
         """Store indices (B, F) of the samples at positions `pos` (B,) of `first`; u (B,) in [0, 1) picks the later
         frame of a pair."""

@@ -84,11 +84,14 @@ def test_too_sparse_a_store_is_refused_and_a_video_without_pairs_is_noted(runner
                              "apart at extract.fps = 10): extract the store at a higher fps, or widen the gap\n")
 
 
-def test_a_mask_that_leaves_no_visible_patch_is_refused(runner, tmp_path, store):
+def test_a_mask_that_leaves_no_visible_patch_and_a_backward_gap_are_refused(runner, tmp_path, store):
     config = write_project(tmp_path, store, pretrain={"method": "cropmae"})  # 16 patches at 98.5%: none left
     result = runner.invoke(app, ["pretrain", "-c", str(config)])
     assert result.exit_code == 2
     assert result.stderr == f"{config}: cropmae.mask_ratio: leaves no visible patch out of the model's 16 (got 0.985)\n"
+    result = runner.invoke(app, ["pretrain", "-c", str(config), "--set", "pretrain.method=siammae", "--set", "siammae.mask_ratio=0.5",
+                                 "--set", "siammae.gap=[1.5, 0.5]"])
+    assert result.exit_code == 2 and result.stderr == "--set: siammae.gap: must be [low, high] with 0 < low <= high (got [1.5, 0.5])\n"
 
 
 def test_the_decoder_reads_the_earlier_frame():
