@@ -74,7 +74,7 @@ def test_too_sparse_a_store_is_refused_and_a_video_without_pairs_is_noted(runner
     assert runner.invoke(app, ["extract", "-c", str(tmp_path / "maecli.toml"), str(tmp_path)]).exit_code == 0
     store = FrameStore(tmp_path / "frames", split="train")
     samples, notes = frame_pairs(store, (0.15, 0.55))
-    assert notes == [f"siammae: 1 of 2 videos have no frame pair 0.15-0.55 s apart, skipped: {tmp_path / 'short.mp4'}"]
+    assert notes == [f"1 of 2 videos have no frame pair 0.15-0.55 s apart, skipped: {tmp_path / 'short.mp4'}"]
     assert len(samples.first) == 18  # of long.mp4's 20 frames, all but the last two
     config = write_project(tmp_path, tmp_path / "frames", pretrain={"method": "siammae", "batch_size": 4, "steps": 2},
                            siammae={"gap": [0.02, 0.08], "mask_ratio": 0.75})

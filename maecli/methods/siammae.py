@@ -140,7 +140,7 @@ def frame_pairs(store: FrameStore, gap: tuple[float, float]) -> tuple[Samples, l
         raise ConfigError(f"siammae.gap: no two frames of one video in {store.root} are {gap[0]:g}-{gap[1]:g} s apart ({spacing}): "
                           f"extract the store at a higher fps, or widen the gap")
     if without:
-        notes.append(f"siammae: {len(without)} of {len(store.videos)} videos have no frame pair {gap[0]:g}-{gap[1]:g} s apart, skipped: "
+        notes.append(f"{len(without)} of {len(store.videos)} videos have no frame pair {gap[0]:g}-{gap[1]:g} s apart, skipped: "
                      f"{', '.join(without[:3])}{' ...' if len(without) > 3 else ''}")
     return Samples(first=first, lo=lo[first], hi=hi[first]), notes
 
