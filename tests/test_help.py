@@ -27,8 +27,10 @@ def test_every_help_keeps_its_sections_and_shows_flags_as_flags(runner):
         for section in sections:
             assert section in text, f"maecli {' '.join(path)} --help lost {section}"
         for param in cmd.params:
-            for opt in param.opts if isinstance(param, click.Option) else ():
-                shown = re.search(rf"{re.escape(opt)}\s+(\S+)", text)[1]  # what follows the flag: a value's name, or its help
+            for opt in [o for o in param.opts if o.startswith("--")] if isinstance(param, click.Option) else []:
+                found = re.search(rf"{re.escape(opt)}\s+(\S+)", text)
+                assert found, f"maecli {' '.join(path)} --help does not show {opt}"
+                shown = found[1]  # what follows the flag: a value's name, or its help
                 assert not (param.is_flag and shown.startswith("<")), f"maecli {' '.join(path)} --help shows {opt} as taking a value"
                 assert not shown.startswith("<list["), f"maecli {' '.join(path)} --help shows {opt}'s value as a Python type"
     probe = runner.invoke(app, ["probe", "--help"], terminal_width=100).stdout
