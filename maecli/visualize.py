@@ -36,7 +36,7 @@ def run_visualize(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | Non
     split, split_notes = shown_split(cfg) if not inputs else ("all", [])
     notes += split_notes
     if isinstance(model, SiameseMAE):
-        return show_pairs(cfg, model, path, device, inputs or video_out, mask_ratio, out, notes)
+        return show_pairs(cfg, model, path, device, split, inputs or video_out, mask_ratio, out, notes)
     ratio = mask_ratio if mask_ratio is not None else (vc.mask_ratio or cfg.model.mask_ratio)
     source = Inputs(cfg, inputs, model.img_size, split=split, limit=0 if video_out else vc.num_images, start=start, end=end)
     imgs, kept = source.read(0, len(source.rows), device)  # (N, 3, h, w)
@@ -64,7 +64,7 @@ def run_visualize(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | Non
     return {**summary, "video": str(video_out), "frames": len(frames), "fps": fps, "columns": ["original", "masked", "reconstruction + visible"]}
 
 
-def show_pairs(cfg: MaecliConfig, model: SiameseMAE, path: Path, device: torch.device, inputs: Any, mask_ratio: float | None,
+def show_pairs(cfg: MaecliConfig, model: SiameseMAE, path: Path, device: torch.device, split: str, inputs: Any, mask_ratio: float | None,
                out: Path | None, notes: list[str]) -> dict[str, Any]:
     """A frame-pair checkpoint's figure: the frame seen whole | the other masked | reconstruction | + visible, on pairs
     of the store's shown split formed as its method forms them (`method.shown`)."""
@@ -73,7 +73,7 @@ def show_pairs(cfg: MaecliConfig, model: SiameseMAE, path: Path, device: torch.d
         raise ConfigError(f"{path}: a frame-pair ({name}) checkpoint is shown on pairs of store frames; run visualize without inputs or --video")
     method = method_of(cfg, name)
     ratio = mask_ratio if mask_ratio is not None else (cfg.visualize.mask_ratio or method.mask_ratio)
-    store = FrameStore(cfg.extract.store, split=shown_split(cfg)[0])
+    store = FrameStore(cfg.extract.store, split=split)
     first_name, first, later, labels = method.shown(store, cfg.visualize.num_images, device)
     out = Path(out) if out else cfg.run_dir / "reconstructions.png"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,6 @@ class CropMAE:
     def flops_per_image(self) -> float:
         return pair_flops(self.arch, self.mask_ratio)
 
-
     def shown(self, store: FrameStore, n: int, device: torch.device) -> tuple[str, torch.Tensor, torch.Tensor, list[str]]:
         """What `visualize` pictures: n frames spread over the store, the global crop their centred crop and the local
         crop its centre at the middle of local_scale: ("global crop", global (n, 3, h, w), local (n, 3, h, w), labels)."""
@@ -71,5 +70,5 @@ class CropMAE:
         side = (sum(self.local_scale) / 2) ** 0.5
         inner = np.tile(np.array([[side, 0, 0], [0, side, 0]], dtype=np.float32), (len(idx), 1, 1))  # (n, 2, 3) the centre
         local = torch.from_numpy(local_in_global(theta, inner))
-        labels = [f"{Path(store.provenance(int(i))['source']).name} {store.provenance(int(i))['time']:.2f}s" for i in idx]
+        labels = [f"{Path(row['source']).name} {row['time']:.2f}s" for row in map(store.provenance, idx.tolist())]
         return "global crop", augment(frames, torch.from_numpy(theta), self.img_size), augment(frames, local, self.img_size), labels

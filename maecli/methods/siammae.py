@@ -128,12 +128,13 @@ def pair_ranges(times: np.ndarray, video_offsets: np.ndarray, gap: tuple[float, 
 def frame_pairs(store: FrameStore, gap: tuple[float, float]) -> tuple[Samples, list[str]]:
     """The store's frames that have a later frame in `gap`, with where it comes from; a video without any pair is
     named in a note, and a store without any pair (extracted too sparsely for the gap) is refused."""
-    lo, hi = pair_ranges(store.times(), store.video_offsets, gap)
+    times = store.times()  # (N,)
+    lo, hi = pair_ranges(times, store.video_offsets, gap)
     first = np.flatnonzero(hi > lo)
     notes, offsets = [], store.video_offsets
     without = [v["source"] for v, a, b in zip(store.videos, offsets[:-1], offsets[1:]) if not np.any(hi[a:b] > lo[a:b])]
     if len(first) == 0:
-        steps = np.concatenate([np.diff(store.times()[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
+        steps = np.concatenate([np.diff(times[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
         settings = store.meta["settings"]
         sampling = f"extract.fps = {settings['fps']:g}" if settings.get("fps") else f"extract.every_n = {settings.get('every_n')}"
         spacing = f"its frames are {np.median(steps):.3g} s apart at {sampling}" if len(steps) else "one frame per video"
