@@ -12,7 +12,7 @@ from pathlib import Path
 
 project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
 requirements = project["dependencies"] + project["optional-dependencies"]["test"]
-NEEDS_TORCH = {"torch", "timm", "transformers"}
+NEEDS_TORCH = {"torch", "timm", "transformers", "tensorboard"}  # tensorboard: only torch's writer uses it
 for req in requirements:
     name, floor = re.match(r"([A-Za-z0-9_.-]+)\s*(?:>=\s*([^,\s]+))?", req).groups()
     if name in NEEDS_TORCH and "--no-torch" in sys.argv or name == "torch" and "--floors" in sys.argv:

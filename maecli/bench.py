@@ -6,6 +6,7 @@ on a noisy machine. `compare` and `benchmarks/` time their steps with the same f
 import re
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from maecli.config import MaecliConfig, apply_overrides, load_config, validate_config
 from maecli.device import autocast_for, compile_mode, pick_device
 from maecli.errors import ConfigError
-from maecli.loop import param_groups
+from maecli.loop import for_training, param_groups
 from maecli.methods import Method, method_of
 from maecli.methods.mae import analytic_flops
 from maecli.model import MaskedAutoencoder, to_2tuple
@@ -54,17 +56,20 @@ def train_step_fn(model: nn.Module, method: Method, frames: torch.Tensor, *, see
     """One `pretrain` step of `method` on fixed uint8 frames (B, H, W, 3) (paired with the next frame of the batch for
     the methods of frame pairs) and one fixed draw of its randomness, as a function to time: augmentation on the frames' device, forward under autocast, backward, fused AdamW with
     pretrain's parameter groups. `model` may be any module the method's loss can call (a baseline, Hugging Face's
-    ViTMAE); `compile`: torch.compile's mode ("default", "max-autotune", ...), as `maecli pretrain` runs it, or None
-    for eager."""
+    ViTMAE); `compile`: torch.compile's mode ("default", "reduce-overhead", ...), compiled as `maecli pretrain`
+    compiles it (`loop.for_training`), or None for eager."""
     device = frames.device
     frames = torch.stack([frames, frames.roll(-1, 0)], dim=1)  # (B, 2, H, W, 3): methods of single frames read the first
     draws = [torch.from_numpy(a).to(device) for a in method.draw(np.random.default_rng(seed), len(frames), tuple(frames.shape[1:3]))]
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=1e-6, betas=(0.9, 0.95), fused=True)
-    compiled = torch.compile(model, mode=compile) if compile else model
+    compiled = for_training(model, device, 1, compile)
+    graphs = compile == "reduce-overhead"
     autocast = autocast_for(device)
 
     def step() -> None:
         inputs = method.inputs(frames, *draws)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = method.loss(compiled, *inputs)
         loss.backward()
@@ -72,6 +77,24 @@ def train_step_fn(model: nn.Module, method: Method, frames: torch.Tensor, *, see
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the operators torch dispatches in this thread inside the block (`count`; by name in `names`), below
+    autograd: the backward's too. The host's cost of a small step on a GPU is about one kernel launch per operator
+    outside a compiled graph: what `benchmarks/step_ops.py` counts and a test holds to its recorded figure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.names.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def sync(device: torch.device) -> None:
@@ -152,10 +175,11 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
     `pretrain.compile_mode`) when `compile` is true (None: as `pretrain.compile` says). Returns every variant's step
     times and derived numbers (MFU against the device's spec peak, and the share of a measured matmul peak), the
     speed-ups of MAE over the baselines with the analytic FLOP ratios beside them, and with `profile` a trace of
-    each variant in that folder.
+    the MAE step in that folder.
     """
     arch, mask_ratio, seed, wd = cfg.model.mae_kwargs, cfg.model.mask_ratio, cfg.project.seed, cfg.pretrain.weight_decay
-    mode = compile_mode(cfg.pretrain.compile if compile is None else compile, cfg.pretrain.compile_mode, device)
+    mode = compile_mode(cfg.pretrain.compile if compile is None else compile, cfg.pretrain.compile_mode, device,
+                        method_of(cfg, "mae").flops_per_image() * batch)
     peak, peak_source = device_peak(device, peak_tflops)
     matmul, matmul_source = matmul_peak(device)
     torch.manual_seed(seed)
@@ -194,8 +218,8 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
                                                      analytic=flops[name] / flops[mae_name])
     for other in ("contrastive (2 views)", "siammae (frame pair)", "cropmae (2 crops)"):
         speedups[f"mae vs {other}"] = dict(measured=variants[other]["step_s_median"] / variants["mae"]["step_s_median"], analytic=flops[other] / flops["mae"])
-    if profile is not None:
-        profile_steps(fns, Path(profile), device)
+    if profile is not None:  # the step users ask about; a trace of every variant takes minutes on a GPU
+        profile_steps({"mae": fns["mae"]}, Path(profile), device)
     return dict(arch=arch, batch=batch, mask_ratio=mask_ratio, device=str(device), compiled=mode is not None, compile_mode=mode, steps=steps, warmup=warmup,
                 peak_gflops=peak / 1e9 if peak else None, peak_source=peak_source, matmul_gflops=matmul / 1e9, matmul_source=matmul_source,
                 variants=variants, speedups=speedups, profile=str(profile) if profile is not None else None)

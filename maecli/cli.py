@@ -546,7 +546,7 @@ def bench(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", help="Peak for MFU in TFLOP/s (default: the GPU's dense bf16 spec, if known).")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile every variant (default: as pretrain, on CUDA only).")] = None,
-    profile: Annotated[Path | None, typer.Option("--profile", help="Also write a torch.profiler trace and top operators of each variant here.")] = None,
+    profile: Annotated[Path | None, typer.Option("--profile", help="Also write a torch.profiler trace and the top operators of the MAE step here.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a bar chart PNG of images/s here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:

@@ -187,6 +187,6 @@ def measure_steps(cfg: MaecliConfig, device: torch.device, steps: int = 5, warmu
         method = method_of(cfg, name)
         torch.manual_seed(cfg.project.seed)
         fns[name] = train_step_fn(method.build().to(device), method, frames, seed=cfg.project.seed, weight_decay=cfg.pretrain.weight_decay,
-                                  compile=compile_mode(cfg.pretrain.compile, cfg.pretrain.compile_mode, device))
+                                  compile=compile_mode(cfg.pretrain.compile, cfg.pretrain.compile_mode, device, method.flops_per_image() * len(frames)))
     times = interleaved(fns, steps, warmup, device)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -30,7 +30,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 PresetName = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"]
 MethodName = Literal["mae", "simclr", "siammae", "cropmae"]
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes
+CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes, and auto
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -83,6 +83,7 @@ class ProjectConfig(Section):
     output_dir: Path = Field(Path("runs"), description="Folder for runs and checkpoints (relative paths: to this file).")
     seed: int = Field(0, ge=0, description="Seed for every random choice: masks, crops, splits.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where every command runs; auto: CUDA when present (bf16), else CPU (float32).")
+    stop_timeout: float = Field(30.0, gt=0, description="Seconds a training run may take to stop after Ctrl-C or SIGTERM (its checkpoint at the agreed step); past them it exits without a new checkpoint.")
 
     _resolve_output_dir = field_validator("output_dir")(_resolve_path)
 
@@ -204,7 +205,7 @@ class PretrainConfig(Section):
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="MAE's random resized crop: range of the crop's area as a fraction of the frame.")
     hflip: bool = Field(True, description="MAE's random horizontal flips.")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model (auto: on CUDA only; compiling on a CPU rarely pays).")
-    compile_mode: CompileMode = Field("default", description="torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.")
+    compile_mode: CompileMode = Field("auto", description="torch.compile's mode: auto (reduce-overhead for a small model's step on CUDA, else default), default (each transformer block compiled once), reduce-overhead (CUDA graphs of the whole model), max-autotune, max-autotune-no-cudagraphs.")
     checkpoint_every: int = Field(1000, gt=0, description="Write a checkpoint and a reconstruction snapshot every this many steps (and at the end).")
     keep_last: int = Field(3, gt=0, description="Checkpoints kept in the run folder (older ones are deleted).")
     log_every: int = Field(20, gt=0, description="Append a metrics line every this many steps.")
@@ -343,7 +344,7 @@ class FinetuneConfig(Section):
     mixup: float = Field(0.0, ge=0, description="Mixup's Beta(alpha, alpha) (0: off).")
     cutmix: float = Field(0.0, ge=0, description="CutMix's Beta(alpha, alpha) (0: off); with mixup too, each step picks one of them.")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model (auto: on CUDA only).")
-    compile_mode: CompileMode = Field("default", description="torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.")
+    compile_mode: CompileMode = Field("auto", description="torch.compile's mode: auto (reduce-overhead for a small model's step on CUDA, else default), default (each transformer block compiled once), reduce-overhead (CUDA graphs of the whole model), max-autotune, max-autotune-no-cudagraphs.")
     checkpoint_every: int = Field(1, gt=0, description="Evaluate on val (a point of the learning curves) and write a checkpoint every this many epochs, and at the end.")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept per run (older ones are deleted).")
 

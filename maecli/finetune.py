@@ -35,6 +35,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from maecli import __version__
+from maecli.board import Board
 from maecli.checkpoint import canonical_arch, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig
 from maecli.data import Plan, augment, crop_boxes, resized_crop_masks, to_input
@@ -46,7 +47,8 @@ from maecli.figures import plot_confusion, plot_curves, plot_iou, save_segmentat
 from maecli.files import append_line, atomic_write, keep_lines, owned, read_lines, write_json
 from maecli.inference import load_for_inference, random_encoder
 from maecli.labeled import Labeled, input_size, load_labeled, scores_report
-from maecli.loop import PROJECT_STEPS, decays, distributed, for_training, get_lr, log_line, progress_bar, projection, stop_on_signals
+from maecli.loop import PROJECT_STEPS, CompileWatch, compile_scope, decays, distributed, eager, for_training, get_lr, log_line, progress_bar, projection, stop_on_signals
+from maecli.methods.mae import blocks_flops
 from maecli.model import MaskedAutoencoder
 from maecli.segmentation import seg_scores
 from maecli.vit import classifier, dense_logits, load_snippet, segmenter, timm_spec
@@ -117,8 +119,12 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     start, weights = resume_checkpoint(run_dir / "checkpoints", raw, optimizer, ckpt_arch, device, notes, run_field="finetune.run")
     if weights is not None:
         notes.append(f"resumed from step {start} ({weights})")
-    mode = compile_mode(fc.compile, fc.compile_mode, device)
-    model = for_training(raw, device, world, mode)
+    tokens = 1 + (size[0] // arch["patch_size"]) * (size[1] // arch["patch_size"])
+    step_flops = 3 * blocks_flops(arch["depth"], tokens, arch["embed_dim"], arch["mlp_ratio"]) * fc.batch_size  # the blocks, forward and backward
+    mode = compile_mode(fc.compile, fc.compile_mode, device, step_flops)
+    regional = fc.drop_path == 0  # drop path gives each block a rate of its own: one compile each, as the whole model
+    model = for_training(raw, device, world, mode, regional=regional)
+    graphs = mode == "reduce-overhead"  # CUDA graphs: each forward starts a new replay
     autocast = autocast_for(device)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)  # uint8 (N, h, w, 3); (N,) labels or (N, h, w) masks
     metrics = run_dir / "metrics.jsonl"
@@ -130,7 +136,10 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
     plain, t_first = console is not None and not console.is_terminal, 0.0  # off a terminal: a plain line per evaluation
     val_result = None  # the last evaluation (`validate`): the one reported
     name = run_dir.name.replace("-", " ")
-    with stop_on_signals(world, STOP_EVERY, device) as stop, progress_bar(console, f"finetune {name}") as progress:
+    say = (lambda line: console.print(line, markup=False, soft_wrap=True)) if console is not None else (lambda line: None)
+    watch = CompileWatch(f"finetune {name}", mode, compile_scope(mode, regional), device, say)
+    board = Board(run_dir, start) if is_main else None
+    with stop_on_signals(world, STOP_EVERY, device, cfg.project.stop_timeout) as stop, progress_bar(console, f"finetune {name}") as progress:
         task = progress.add_task("finetune", total=total, completed=start, epoch=start // steps_per_epoch, loss="-", lr="-", ips="-")
         for step in range(start, total):
             step_lr = get_lr(step, total=total, warmup=warmup, lr=lr, min_lr=fc.min_lr)
@@ -141,6 +150,8 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
             idx = torch.from_numpy(plan.indices(step)).to(device)  # (B,)
             imgs = augment(train_x[idx], theta, size)  # (B, 3, h, w)
             torch.manual_seed(int(np.random.SeedSequence([seed, 7, step, rank]).generate_state(1)[0]))  # drop path
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             if data.dense:  # the masks cropped as their images, per-pixel cross-entropy at the input size
                 targets = resized_crop_masks(train_y[idx], theta, size).long()  # (B, h, w)
                 with autocast:
@@ -161,14 +172,18 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
             loss_sum += loss.detach()
             loss_steps += 1
             done = step + 1
-            if done - start in (1, 1 + PROJECT_STEPS) and console is not None:  # the first steps time the projected duration
+            stop.started = True  # a step has run: a signal now stops at a checkpoint
+            if done - start in (1, 1 + PROJECT_STEPS):  # the first steps time the compile and the projected duration
                 progress.update(task, loss=f"{loss.item():.4f}", lr=f"{step_lr:.2e}")  # .item(): the step has run
                 if done - start == 1:
                     t_first = time.perf_counter()
-                elif done < total:
-                    step_seconds = (time.perf_counter() - t_first) / PROJECT_STEPS
-                    progress.update(task, ips=f"{plan.global_batch / step_seconds:.1f}")
-                    console.print(projection(f"finetune {name}", total - done, step_seconds, time.perf_counter() - t_run, device), markup=False, soft_wrap=True)
+                    watch.first_step(t_first - t_run)
+                else:
+                    watch.steady()
+                    if console is not None and done < total:
+                        step_seconds = (time.perf_counter() - t_first) / PROJECT_STEPS
+                        progress.update(task, ips=f"{plan.global_batch / step_seconds:.1f}")
+                        say(projection(f"finetune {name}", total - done, step_seconds, time.perf_counter() - t_run, device))
             at_eval = (done % steps_per_epoch == 0 and (done // steps_per_epoch) % fc.checkpoint_every == 0) or done == total
             stopping = stop.now(done)
             if at_eval or stopping:
@@ -179,10 +194,13 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
                 loss_sum.zero_()
                 if is_main and at_eval:
                     seconds = time.perf_counter() - t_epoch  # training only
+                    watch.check(done)
                     scores, val_result = validate(raw, data, device, autocast)
                     row = dict(epoch=done // steps_per_epoch, step=done, train_loss=round(train_loss, 6), **scores, lr=step_lr,
                                images_per_s=round(loss_steps * plan.global_batch / seconds, 2))
                     append_line(metrics, json.dumps(row))
+                    board.scalars(done, {"train/loss": train_loss, **{f"val/{k.removeprefix('val_')}": v for k, v in scores.items()}, "train/lr": step_lr,
+                                         "perf/images_per_s": row["images_per_s"]})
                     progress.update(task, epoch=row["epoch"], loss=f"{train_loss:.4f}", lr=f"{step_lr:.2e}", ips=f"{row['images_per_s']:.1f}")
                     if plain:
                         elapsed = time.perf_counter() - t_run
@@ -200,6 +218,7 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
                                   "run the same command again to resume", signum=stop.signum)
     if not is_main:
         return None
+    board.close()
     seconds = time.perf_counter() - t_run
     if val_result is None:  # a finished run, rerun: nothing trained, nothing evaluated yet
         val_result = validate(raw, data, device, autocast)[1]
@@ -287,17 +306,18 @@ def validate(model: torch.nn.Module, data: Labeled, device: torch.device, autoca
     val_miou) and what `finish` scores (logits (N, C) on the CPU; for segmentation the confusion matrix and the
     pictured frames' predictions)."""
     model.eval()
-    if data.dense:
-        grid = model.patch_embed.grid_size
-        confusion, loss, preds = evaluate_dense(lambda x: dense_logits(model(x), grid), data, device, shown=shown_frames(len(data.val_x)))
-        scores, result = dict(val_loss=round(loss, 6), val_miou=round(seg_scores(confusion, data.classes)["miou"], 6)), (confusion, preds)
-    else:
-        logits = []
-        for chunk in data.val_x.split(batch):
-            with autocast:
-                logits.append(model(to_input(chunk.to(device))).float().cpu())
-        result = torch.cat(logits)  # (N, C)
-        scores = dict(val_loss=round(F.cross_entropy(result, data.val_y).item(), 6), val_top1=round((result.argmax(1) == data.val_y).float().mean().item(), 6))
+    with eager():  # a compiled run's blocks, at another batch size and without gradients
+        if data.dense:
+            grid = model.patch_embed.grid_size
+            confusion, loss, preds = evaluate_dense(lambda x: dense_logits(model(x), grid), data, device, shown=shown_frames(len(data.val_x)))
+            scores, result = dict(val_loss=round(loss, 6), val_miou=round(seg_scores(confusion, data.classes)["miou"], 6)), (confusion, preds)
+        else:
+            logits = []
+            for chunk in data.val_x.split(batch):
+                with autocast:
+                    logits.append(model(to_input(chunk.to(device))).float().cpu())
+            result = torch.cat(logits)  # (N, C)
+            scores = dict(val_loss=round(F.cross_entropy(result, data.val_y).item(), 6), val_top1=round((result.argmax(1) == data.val_y).float().mean().item(), 6))
     model.train()
     return scores, result
 

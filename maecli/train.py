@@ -19,6 +19,8 @@ import torch.distributed as dist
 from rich.console import Console
 
 from maecli import __version__
+from maecli.bench import device_peak
+from maecli.board import Board
 from maecli.checkpoint import HEADS, canonical_arch, check_same_arch, checkpoint_files, checkpoint_method, load_state, read_weights, resume_checkpoint, save_checkpoint
 from maecli.config import MaecliConfig, dump_toml
 from maecli.data import Loader, Plan
@@ -28,7 +30,7 @@ from maecli.figures import plot_loss, save_reconstructions
 from maecli.files import append_line, keep_lines, owned, write_json, write_text
 from maecli.inference import fixed_noise
 from maecli.inputs import Inputs, shown_split
-from maecli.loop import PROJECT_STEPS, distributed, for_training, get_lr, log_line, param_groups, peak_memory_mib, progress_bar, projection, stop_on_signals
+from maecli.loop import PROJECT_STEPS, CompileWatch, compile_scope, distributed, eager, for_training, get_lr, log_line, param_groups, peak_memory_mib, progress_bar, projection, stop_on_signals
 from maecli.methods import method_of
 from maecli.model import MaskedAutoencoder
 from maecli.methods.simclr import collapse_note
@@ -93,37 +95,43 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
         dist.barrier()
     start, notes = load_start(cfg, raw, optimizer, device)
     notes += sample_notes
-    mode = compile_mode(pc.compile, pc.compile_mode, device)
+    mode = compile_mode(pc.compile, pc.compile_mode, device, method.flops_per_image() * pc.batch_size)
     model = for_training(raw, device, world, mode)
+    graphs = mode == "reduce-overhead"  # CUDA graphs: each forward starts a new replay
     autocast = autocast_for(device)
-    log = RunLog(cfg, start, raw, device) if is_main else None
+    log = RunLog(cfg, start, raw, device, method.flops_per_image()) if is_main else None
     loader = Loader(store, samples, plan, start * pc.accum_iter, device, method.draw)
     first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, found without a host sync
     last_ckpt, t_run, t_first = None, time.perf_counter(), 0.0
     plain = console is not None and not console.is_terminal  # nohup, Slurm, `2> log`: plain lines instead of the bar
+    say = (lambda line: console.print(line, markup=False, soft_wrap=True)) if console is not None else (lambda line: None)
+    watch = CompileWatch("pretrain", mode, compile_scope(mode), device, say)
     try:
-        with stop_on_signals(world, pc.log_every, device) as stop, progress_bar(console, "pretrain") as progress:  # ranks agree at log steps
+        with stop_on_signals(world, pc.log_every, device, cfg.project.stop_timeout) as stop, progress_bar(console, "pretrain") as progress:
             task = progress.add_task("pretrain", total=sched.total, completed=start, epoch=start // sched.steps_per_epoch, loss="-", lr="-", ips="-")
             for step in range(start, sched.total):
+                done = step + 1
                 lr = get_lr(step, total=sched.total, warmup=sched.warmup, lr=sched.lr, min_lr=pc.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = torch.zeros((), device=device)
                 for micro in range(pc.accum_iter):
                     frames, *draws = loader.next()  # uint8 (B, F, H, W, 3), the method's random draws
                     inputs = method.inputs(frames, *draws)  # augmented on the device, in float32
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
                     with (model.no_sync() if world > 1 and micro < pc.accum_iter - 1 else nullcontext()), autocast:
                         loss = method.loss(model, *inputs)
-                    (loss / pc.accum_iter).backward()
-                    loss_sum += loss.detach().float()
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), pc.clip_grad if pc.clip_grad > 0 else float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = loss_sum / pc.accum_iter
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)  # step: a kernel argument, not a copy
-                done = step + 1
+                    (loss / pc.accum_iter if pc.accum_iter > 1 else loss).backward()
+                    step_loss = loss.detach().float() if micro == 0 else step_loss + loss.detach().float()
                 stopping = stop.now(done)
                 at_ckpt = done % pc.checkpoint_every == 0 or done == sched.total or stopping
+                grad_norm = clip_grads(raw, pc.clip_grad, done % pc.log_every == 0 or at_ckpt)  # the norm of a step that logs it
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if pc.accum_iter > 1:
+                    step_loss = step_loss / pc.accum_iter
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)  # step: a kernel argument, not a copy
+                stop.started = True  # a step has run: a signal now stops at a checkpoint
                 early = done - start in (1, 1 + PROJECT_STEPS)  # the first steps fill the bar and time the projection
                 if done % pc.log_every == 0 or at_ckpt or early:
                     loss_value = checked_loss(step_loss, first_bad, world, last_ckpt)  # every rank: a collective (and a host sync)
@@ -138,14 +146,19 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
                         progress.update(task, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                     if done - start == 1:
                         t_first = now
-                    elif early and console is not None and done < sched.total:
-                        step_seconds = (now - t_first) / PROJECT_STEPS
-                        progress.update(task, ips=f"{sched.batch / step_seconds:.1f}")
-                        console.print(projection("pretrain", sched.total - done, step_seconds, now - t_run, device), markup=False, soft_wrap=True)
+                        watch.first_step(now - t_run)
+                    elif early:
+                        watch.steady()
+                        if console is not None and done < sched.total:
+                            step_seconds = (now - t_first) / PROJECT_STEPS
+                            progress.update(task, ips=f"{sched.batch / step_seconds:.1f}")
+                            say(projection("pretrain", sched.total - done, step_seconds, now - t_run, device))
+                    else:
+                        watch.check(done)
                 if is_main and at_ckpt:
                     meta = {"method": method.name, "config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__}
                     last_ckpt = save_checkpoint(cfg.run_dir / "checkpoints", done, raw, optimizer, canonical_arch(mc.mae_kwargs), meta, pc.keep_last)
-                    with autocast:
+                    with autocast, eager():
                         log.snapshot(raw, done)
                 progress.update(task, completed=done)
                 if stopping or (at_ckpt and stop.now(done)):  # a signal during this step's checkpoint: it is written already
@@ -207,6 +220,14 @@ def load_start(cfg: MaecliConfig, model: torch.nn.Module, optimizer: torch.optim
     return 0, notes + [f"initialized from {init_from}" + (f" (encoder only: {len(missing)} tensors of the {head} start fresh)" if missing else "")]
 
 
+def clip_grads(model: torch.nn.Module, clip: float, norm: bool) -> torch.Tensor | None:
+    """Clip the gradients' global norm to `clip` (0: no clipping) and return the norm before clipping; without
+    clipping the norm is computed only when asked (`norm`: a step that logs it), not on every step."""
+    if clip > 0 or norm:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    return None
+
+
 def checked_loss(step_loss: torch.Tensor, first_bad: torch.Tensor, world: int, last_ckpt: Path | None) -> float:
     """The step's loss averaged over ranks, as a float (a host sync); raises NonFiniteLoss if any step so far had a
     loss that was not finite."""
@@ -227,9 +248,10 @@ LOSS_NAMES = {"mae": "MSE on masked patches", "simclr": "NT-Xent", "siammae": "M
 class RunLog:
     """What the main process writes besides checkpoints: `config.toml`, `metrics.jsonl` (cut back to the step the run
     starts from, so a killed run's extra lines go), for MAE reconstruction snapshots of fixed frames and masks (those
-    that `maecli visualize` shows; it shows the other methods' on demand), and at the end `loss.png` and `summary.json`."""
+    that `maecli visualize` shows; it shows the other methods' on demand), and at the end `loss.png` and `summary.json`;
+    the same scalars and snapshots for TensorBoard where it is installed (`maecli.board`), with the MFU on CUDA."""
 
-    def __init__(self, cfg: MaecliConfig, start: int, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, cfg: MaecliConfig, start: int, model: torch.nn.Module, device: torch.device, flops_per_image: float) -> None:
         self.run_dir, self.title = cfg.run_dir, cfg.project.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / "config.toml", dump_toml(cfg))
@@ -239,6 +261,8 @@ class RunLog:
         self.device, self.t, self.waited = device, time.perf_counter(), 0.0
         self.method, self.snapshots = cfg.pretrain.method, cfg.pretrain.method == "mae"
         self.last_step = start
+        self.board = Board(self.run_dir, start)
+        self.flops, self.peak = flops_per_image, device_peak(device, None)[0] if device.type == "cuda" else None  # MFU: on a GPU of known peak
         if not self.snapshots:  # SimCLR has nothing to reconstruct, the frame-pair methods need pairs: visualize shows them
             return
         snap = Inputs(cfg, [], model.img_size, split=shown_split(cfg)[0], limit=cfg.visualize.num_images)
@@ -251,6 +275,9 @@ class RunLog:
         row = dict(step=step, epoch=round(epoch, 3), loss=round(loss, 6), lr=lr, images_per_s=round((step - self.last_step) * batch / seconds, 2),
                    grad_norm=round(grad_norm, 5), data_wait=round((waited - self.waited) / seconds, 4), peak_mem_mib=peak_memory_mib(self.device))
         append_line(self.metrics_path, json.dumps(row))  # a torn last line is dropped on resume
+        mfu = self.flops * row["images_per_s"] / self.peak if self.peak else None
+        self.board.scalars(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "perf/images_per_s": row["images_per_s"],
+                                  "perf/data_wait": row["data_wait"], "perf/mfu": mfu})
         self.t, self.waited, self.last_step, self.last_loss = time.perf_counter(), waited, step, loss
         return row
 
@@ -262,8 +289,10 @@ class RunLog:
             return
         self.snapshot_path(step).parent.mkdir(exist_ok=True)
         save_reconstructions(model, self.snap_imgs, self.mask_ratio, self.snap_noise, self.snapshot_path(step), f"{self.title}, step {step}")
+        self.board.picture("reconstructions", self.snapshot_path(step), step)
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        self.board.close()
         plot_loss(self.metrics_path, self.run_dir / "loss.png", self.title, LOSS_NAMES[self.method])
         write_json(self.run_dir / "summary.json", summary)
         return summary

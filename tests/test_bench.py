@@ -64,7 +64,7 @@ def test_bench_command_reports_every_variant(runner, tmp_path):
     args = ["bench", "--model", "vit_tiny", "--patch", "8", "--img", "32x64", "--batch", "4", "--steps", "2", "--warmup", "1",
             "--set", "model.embed_dim=32", "--set", "model.depth=2", "--set", "model.num_heads=2", "--set", "model.decoder_embed_dim=16",
             "--set", "model.decoder_depth=2", "--set", "model.decoder_num_heads=2", "--decoder-depth", "1", "--plot", str(tmp_path / "bench.png"),
-            "--profile", str(tmp_path / "profiles"), "--json"]
+            "--profile", str(tmp_path / "profiles"), "--json", "--device", "cpu"]  # CPU facts are asserted: test_device checks the GPU's
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
@@ -82,9 +82,9 @@ def test_bench_command_reports_every_variant(runner, tmp_path):
     assert r["compiled"] is False and r["peak_gflops"] is None and r["peak_source"].startswith("unknown for this CPU")
     assert all(v["mfu"] is None and 0 < v["of_matmul"] for v in r["variants"].values())
     assert r["matmul_source"] == "float32 2048x2048 matmul" and r["matmul_gflops"] > 0
-    for slug in ("mae", "mae-w-m", "mae-decoder-depth-1", "contrastive-2-views", "siammae-frame-pair", "cropmae-2-crops"):
-        assert '"traceEvents"' in (tmp_path / "profiles" / f"trace-{slug}.json").read_text()
-        assert "Self CPU" in (tmp_path / "profiles" / f"ops-{slug}.txt").read_text()
+    assert '"traceEvents"' in (tmp_path / "profiles" / "trace-mae.json").read_text()  # the MAE step only: the others take minutes on a GPU
+    assert "Self CPU" in (tmp_path / "profiles" / "ops-mae.txt").read_text()
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == ["ops-mae.txt", "trace-mae.json"]
     missing = runner.invoke(app, ["bench", "-c", str(tmp_path / "none.toml")])
     assert missing.exit_code == 2 and "give --model" in missing.stderr
 

@@ -68,7 +68,7 @@ def test_config_prints_resolved_toml_with_overrides(runner, tmp_path):
     result = runner.invoke(app, ["config", "-c", str(path), "--set", "model.depth=4", "--set", "project.name=dashcam"])
     assert result.exit_code == 0, result.output
     cfg = tomllib.loads(result.stdout)
-    assert cfg["project"] == {"name": "dashcam", "output_dir": str(tmp_path / "out" / "runs"), "seed": 0, "device": "auto"}
+    assert cfg["project"] == {"name": "dashcam", "output_dir": str(tmp_path / "out" / "runs"), "seed": 0, "device": "auto", "stop_timeout": 30.0}
     assert cfg["model"]["img_size"] == [128, 256]  # wide frames stay wide
     assert (cfg["model"]["embed_dim"], cfg["model"]["depth"], cfg["model"]["num_heads"]) == (384, 4, 6)
     # The printed config is itself a valid project file that resolves to the same values.

@@ -45,10 +45,11 @@ def test_auto_takes_this_machines_path(runner, tmp_path, store):
     result = runner.invoke(app, ["pretrain", "-c", str(config), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    if GPUS:  # the GPU path is the point here: bf16 autocast and a compiled model
-        assert (summary["device"], summary["precision"], summary["compiled"]) == ("cuda:0", "bfloat16", True)
+    if GPUS:  # the GPU path is the point here: bf16 autocast and a compiled model, in CUDA graphs for a step this small
+        assert (summary["device"], summary["precision"], summary["compiled"], summary["compile_mode"]) == ("cuda:0", "bfloat16", True, "reduce-overhead")
+        assert "compiling the model for cuda:0 (torch.compile, mode reduce-overhead, the whole model)" in result.stderr
     else:
-        assert (summary["device"], summary["precision"], summary["compiled"]) == ("cpu", "float32", False)
+        assert (summary["device"], summary["precision"], summary["compiled"], summary["compile_mode"]) == ("cpu", "float32", False, None)
     features = runner.invoke(app, ["export", "features", "-c", str(config), "--json", "--out", str(tmp_path / "export")])
     assert features.exit_code == 0, features.output
     assert json.loads(features.stdout)["device"] == ("cuda:0" if GPUS else "cpu")
@@ -81,6 +82,25 @@ def test_auto_takes_this_machines_path(runner, tmp_path, store):
                 step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
+
+def test_bench_rates_this_devices_step(runner):
+    """`maecli bench` on this machine's device: on a GPU the matmul peak in bf16 and the MFU against the spec peak (an
+    H100/H200's, which the table knows), on a CPU float32 and no MFU (test_bench has the rest)."""
+    args = ["bench", "--model", "vit_tiny", "--patch", "8", "--img", "32", "--batch", "4", "--steps", "2", "--warmup", "1", "--no-compile",
+            "--set", "model.depth=1", "--set", "model.decoder_depth=1", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["device"] == ("cuda:0" if GPUS else "cpu") and r["matmul_gflops"] > 0
+    if GPUS:
+        name = torch.cuda.get_device_name(0)
+        assert r["matmul_source"] == "bfloat16 8192x8192 matmul"
+        if "H100" in name or "H200" in name:
+            assert r["peak_source"].endswith("dense bf16 spec, 989 TFLOP/s") or "H100" in name
+            assert all(0 < v["mfu"] < 1 for v in r["variants"].values())
+    else:
+        assert r["matmul_source"] == "float32 2048x2048 matmul" and all(v["mfu"] is None for v in r["variants"].values())
 
 
 def test_torchrun_with_more_processes_than_gpus_stops_with_one_line(tmp_path, store):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from maecli.checkpoint import checkpoint_files
 from maecli.cli import app
@@ -73,6 +74,9 @@ def test_finetunes_reports_and_exports_a_timm_classifier(runner, tmp_path, train
         assert all(f"loss {row['train_loss']:.4f}  " in line for line, row in zip(logged[1:], r["curve"], strict=True))
         folder = out / name.replace(" ", "-")
         assert (folder / "confusion.png").stat().st_size > 0 and json.loads((folder / "summary.json").read_text())["top1"] == r["top1"]
+        board = EventAccumulator(str(folder / "tensorboard")).Reload()  # the curves for TensorBoard too
+        assert [e.value for e in board.Scalars("val/top1")] == pytest.approx([row["val_top1"] for row in r["curve"]])
+        assert [e.step for e in board.Scalars("train/loss")] == [row["step"] for row in r["curve"]]
         # the exported classifier, loaded by the line the tool prints, predicts what the report says
         namespace = {}
         exec(r["snippet"], namespace)  # no registered timm name has the tiny sizes: m = VisionTransformer(...); m.load_state_dict(...)

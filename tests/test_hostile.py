@@ -6,6 +6,7 @@ copy a project in, fill the disk to a few KiB, run the command, and list the fil
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -57,7 +58,8 @@ def on_small_disk(tmp_path: Path, project: Path, free: int, *args: str, inodes: 
     script.write_text(ON_SMALL_DISK)
     cmd = ["unshare", "-rm", sys.executable, str(script), str(project), str(tmp_path / "disk"), str(tmp_path / "out"), str(free),
            "inodes" if inodes else "no-inodes", *args]
-    subprocess.run(cmd, check=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # packages installed by PYTHONPATH too (the GPU machine's)
+    subprocess.run(cmd, check=True, timeout=300, env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     return json.loads((tmp_path / "out" / "result.json").read_text())
 
 

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from maecli.bench import OperatorCount
 from maecli.checkpoint import read_weights, save_hf, save_official
 from maecli.cli import app
+from maecli.loop import CompileWatch, compiled_graphs, get_lr, param_groups, projection
 from maecli.model import MaskedAutoencoder
-from maecli.loop import get_lr, param_groups, projection
 from tests.conftest import TINY, write_project
 
 def project(folder: Path, store: Path, **pretrain) -> Path:
@@ -109,12 +112,13 @@ def test_weight_decay_groups():
     assert "pos_embed" not in skipped | decayed  # fixed sin-cos: not trained at all
 
 
-@pytest.mark.parametrize("sig,method", [(signal.SIGKILL, "mae"), (signal.SIGINT, "mae"), (signal.SIGTERM, "mae"), (signal.SIGKILL, "simclr"),
-                                        (signal.SIGKILL, "siammae")])  # cropmae: the same model and loop, other draws
-def test_interrupted_run_resumes_bit_identical(runner, tmp_path, store, sig, method):
+@pytest.mark.parametrize("sig,method,compiled", [(signal.SIGKILL, "mae", False), (signal.SIGINT, "mae", False), (signal.SIGTERM, "mae", False),
+                                                 (signal.SIGTERM, "mae", True), (signal.SIGKILL, "simclr", False), (signal.SIGKILL, "siammae", False)])
+def test_interrupted_run_resumes_bit_identical(runner, tmp_path, store, sig, method, compiled):  # cropmae: siammae's model and loop, other draws
+    """Compiled too (the blocks, as on a GPU): a signal once steps run still ends in a checkpoint of that step."""
     (tmp_path / "ref").mkdir()
     (tmp_path / "cut").mkdir()
-    kw = dict(steps=300, checkpoint_every=30, log_every=5, method=method)  # seconds of work left after the first checkpoint
+    kw = dict(steps=300, checkpoint_every=30, log_every=5, method=method, compile=compiled)  # seconds of work left after the first checkpoint
     result, _ = pretrain(runner, project(tmp_path / "ref", store, **kw))
     assert result.exit_code == 0, result.output
     config = project(tmp_path / "cut", store, **kw)
@@ -169,6 +173,112 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resumes_bit_ide
     resumed = subprocess.run([*torchrun, str(config)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_identical(final_weights(tmp_path / "cut", 400), final_weights(tmp_path / "ref", 400))
+
+
+def stderr_until(proc: subprocess.Popen, text: str, timeout: float = 120) -> list[str]:
+    """The lines a process writes to stderr up to the first that contains `text` (all of them if it ends first)."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline and (line := proc.stderr.readline()):
+        lines.append(line.rstrip("\n"))
+        if text in line:
+            break
+    return lines
+
+
+def test_a_signal_during_the_compile_ends_the_run_at_once(tmp_path, store):
+    """Before the first step has finished there is nothing new to save: SIGTERM 1 s into the compile ends the run
+    within seconds (the compile is unwound, not waited for), exit 143, one line, no checkpoint."""
+    config = project(tmp_path, store, steps=300, checkpoint_every=30, compile=True)
+    proc = subprocess.Popen([sys.executable, "-m", "maecli", "pretrain", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = stderr_until(proc, "compiling the model")
+    assert said[-1] == "pretrain: compiling the model for cpu (torch.compile, mode default, its transformer blocks): the first step takes longer", said
+    time.sleep(1)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - t < 10 and proc.returncode == 143, stderr
+    assert stderr.splitlines() == ["interrupted (SIGTERM) before the first step finished: nothing new to save; run the same command again to start it"]
+    assert not list((tmp_path / "runs" / "pretrain").rglob("step-*")) and "compiled; the first step" not in stderr
+
+
+def test_a_run_that_has_not_stopped_when_its_stop_timeout_ends_exits_without_a_checkpoint(tmp_path, store):
+    """Under torchrun the ranks stop at an agreed (log) step; one that is far away, past project.stop_timeout, is not
+    waited for: each rank says so in one line and exits 143, writing nothing new (a scheduler's SIGKILL would come)."""
+    config = write_project(tmp_path, store, project={"device": "cpu", "stop_timeout": 2}, pretrain={"batch_size": 4, "steps": 5000, "log_every": 2500,
+                                                                                                     "checkpoint_every": 2500})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "maecli", "pretrain", "-c", str(config)]
+    proc = subprocess.Popen(torchrun, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr_until(proc, "s a step over the first steps")  # steps run: a signal now waits for step 2500
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert time.monotonic() - t < 30, stderr[-3000:]
+    gave_up = [line for line in stderr.splitlines() if "still running 2 s after the signal" in line]
+    assert gave_up and gave_up[0] == ("interrupted (SIGTERM): still running 2 s after the signal (project.stop_timeout); stopped without a "
+                                      "new checkpoint; run the same command again to resume from the last one"), stderr[-3000:]
+    assert not list((tmp_path / "runs" / "pretrain").rglob("step-*.safetensors"))
+
+
+# Measured for the tests' tiny model (torch 2.14, timm 1.0.31): 428.75-429 and 611.6 (a fraction varies with what the process ran
+# before). Before (main at 172ee51), the same way: 13 and 17 more, from the gradients' norm on every step, the loss summed into
+# a fresh tensor, and SimCLR's one_hot (which checks its input's range: two host syncs)
+OPERATORS_PER_STEP = {"mae": 430, "simclr": 612}
+
+
+@pytest.mark.parametrize("method", ["mae", "simclr"])
+def test_a_step_dispatches_no_more_operators_than_recorded(runner, tmp_path, store, method):
+    """The host's share of a step on a GPU is about one launch per operator outside a compiled graph: the real loop's
+    plain step (runs of 7 and 15 steps, the difference / 8: the first steps' timing and the last step's log and checkpoint
+    cancel out) stays within the recorded count (benchmarks/step_ops.py)."""
+    counts = []
+    for steps in (7, 15):
+        (tmp_path / str(steps)).mkdir()
+        config = project(tmp_path / str(steps), store, steps=steps, log_every=1000, checkpoint_every=1000, method=method)
+        with OperatorCount() as ops:
+            result, _ = pretrain(runner, config)
+        assert result.exit_code == 0, result.output
+        counts.append(ops.count)
+    per_step = (counts[1] - counts[0]) / 8
+    assert 100 < per_step <= OPERATORS_PER_STEP[method], per_step
+
+
+def test_a_recompile_after_the_first_steps_is_said_once():
+    said = []
+    watch = CompileWatch("pretrain", "default", "blocks", torch.device("cpu"), said.append)
+    double = torch.compile(lambda x: 2 * x, dynamic=False)
+    double(torch.ones(3))
+    watch.first_step(61.0)
+    watch.steady()
+    double(torch.ones(3))
+    watch.check(20)  # the same shape: nothing new
+    double(torch.ones(4))
+    watch.check(40)
+    double(torch.ones(5))
+    watch.check(60)  # said once
+    assert said == ["pretrain: compiling the model for cpu (torch.compile, mode default, its transformer blocks): the first step takes longer",
+                    "pretrain: compiled; the first step took 1 min 01 s",
+                    "pretrain: torch.compile compiled again by step 40 (1 graph more than after the first steps); each recompile stalls the run: "
+                    "TORCH_LOGS=recompiles says why"]
+
+
+def test_tensorboard_gets_the_scalars_and_snapshots_and_a_resume_drops_a_killed_runs_points(runner, tmp_path, store):
+    result, _ = pretrain(runner, project(tmp_path, store, steps=20, checkpoint_every=10, log_every=2))
+    assert result.exit_code == 0, result.output
+    board = EventAccumulator(str(tmp_path / "runs" / "pretrain" / "tensorboard")).Reload()
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in board.Scalars("train/loss")] == [r["step"] for r in rows]
+    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows])
+    assert {"train/lr", "train/grad_norm", "perf/images_per_s", "perf/data_wait"} <= set(board.Tags()["scalars"])
+    assert "perf/mfu" not in board.Tags()["scalars"]  # rated against a GPU's spec peak only
+    assert [e.step for e in board.Images("reconstructions")] == [10, 20]
+    # a run resumed from step 10 (as after a kill at step 17): the points past 10 are written again, not twice
+    ckpts = tmp_path / "runs" / "pretrain" / "checkpoints"
+    for path in ckpts.glob("step-00000020.*"):
+        path.unlink()
+    result, summary = pretrain(runner, project(tmp_path, store, steps=20, checkpoint_every=10, log_every=2))
+    assert result.exit_code == 0 and summary["steps_this_run"] == 10, result.output
+    board = EventAccumulator(str(tmp_path / "runs" / "pretrain" / "tensorboard")).Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == list(range(2, 21, 2))
 
 
 @pytest.mark.parametrize("method", ["mae", "simclr", "siammae"])
@@ -311,20 +421,32 @@ def test_compiled_run_trains_as_eager_does(runner, tmp_path, store):
     """The path CUDA takes by default, on this CPU: torch.compile (here in a non-default mode, whose CUDA graphs a CPU
     skips) trains the same steps as eager, to float32 rounding; a mode torch does not have is one line."""
     runs = {}
-    for name, settings in (("eager", dict(compile=False)), ("compiled", dict(compile=True, compile_mode="reduce-overhead"))):
+    settings = {"eager": dict(compile=False), "model": dict(compile=True, compile_mode="reduce-overhead"), "blocks": dict(compile=True)}
+    for name, kw in settings.items():  # reduce-overhead: the whole model; compile_mode "auto" on a CPU: the default mode, block by block
         (tmp_path / name).mkdir()
-        result, summary = pretrain(runner, project(tmp_path / name, store, steps=3, log_every=1, checkpoint_every=3, **settings))
+        config = project(tmp_path / name, store, steps=3, log_every=1, checkpoint_every=3, **kw)
+        config.write_text(config.read_text().replace("depth = 2", "depth = 4"))  # 4 encoder blocks and 1 decoder block
+        graphs = compiled_graphs()
+        result, summary = pretrain(runner, config)
         assert result.exit_code == 0, result.output
         losses = [json.loads(line)["loss"] for line in (tmp_path / name / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = summary, losses, final_weights(tmp_path / name, 3)
-    (eager, eager_losses, eager_w), (compiled, compiled_losses, compiled_w) = runs["eager"], runs["compiled"]
-    assert (eager["compiled"], eager["compile_mode"]) == (False, None) and (compiled["compiled"], compiled["compile_mode"]) == (True, "reduce-overhead")
-    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4) and len(compiled_losses) == 3
-    for k in eager_w:
-        a, b = compiled_w[k], eager_w[k]
-        if k.endswith("attn.qkv.bias"):  # a key bias has a zero gradient (softmax ignores a shift of every key): Adam
-            d = len(a) // 3                 # turns its rounding noise into steps of ~lr, so compare the q and v thirds
-            a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+        runs[name] = summary, losses, final_weights(tmp_path / name, 3), result.stderr, compiled_graphs() - graphs
+    eager = runs.pop("eager")
+    assert (eager[0]["compiled"], eager[0]["compile_mode"]) == (False, None) and "compil" not in eager[3]
+    for name, (summary, losses, weights, stderr, graphs) in runs.items():
+        mode, what = ("reduce-overhead", "the whole model") if name == "model" else ("default", "its transformer blocks")
+        assert (summary["compiled"], summary["compile_mode"]) == (True, mode)
+        said = [line for line in stderr.splitlines() if line.startswith("pretrain")]  # torch's own warnings aside
+        assert said[0] == f"pretrain: compiling the model for cpu (torch.compile, mode {mode}, {what}): the first step takes longer"
+        assert [line for line in said if line.startswith("pretrain: compiled; ")][0].startswith("pretrain: compiled; the first step took ")
+        if name == "blocks":  # the 4 encoder blocks share one graph (and the decoder's its own): one compile, whatever the depth
+            assert graphs <= 2, graphs
+        assert losses == pytest.approx(eager[1], rel=1e-4) and len(losses) == 3
+        for k in eager[2]:
+            a, b = weights[k], eager[2][k]
+            if k.endswith("attn.qkv.bias"):  # a key bias has a zero gradient (softmax ignores a shift of every key): Adam
+                d = len(a) // 3                 # turns its rounding noise into steps of ~lr, so compare the q and v thirds
+                a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
     result, _ = pretrain(runner, project(tmp_path, store, compile_mode="fast"))
     assert result.exit_code == 2 and "pretrain.compile_mode" in result.stderr and "reduce-overhead" in result.stderr and "Traceback" not in result.output

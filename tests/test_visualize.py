@@ -65,7 +65,9 @@ def test_clip_has_the_expected_size_and_frames(runner, trained, tmp_path):
         with av.open(str(tmp_path / name)) as c:
             assert (c.streams.video[0].width, c.streams.video[0].height) == (3 * 32, 32)  # original | masked | reconstruction
             decoded.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
-    assert len(decoded[0]) == 11 and differs(decoded[0], decoded[1]) < 0.5  # same seed, same clip
+    # same seed, same clip: the same masks (original | masked, the model aside) and, up to float noise that the codec
+    # spreads over whole blocks, the same reconstructions (measured: 0.67 grey levels on a 16-core machine)
+    assert len(decoded[0]) == 11 and differs(decoded[0][:, :, :64], decoded[1][:, :, :64]) < 0.5 and differs(decoded[0], decoded[1]) < 1.5
     run(runner, trained, tmp_path / "in.mp4", "--video", tmp_path / "c.mp4", "--start", "1", "--end", "3", "--set", "project.seed=1", *fps)
     with av.open(str(tmp_path / "c.mp4")) as c:
         other = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])

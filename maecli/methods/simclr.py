@@ -58,7 +58,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     own = rank * N + torch.arange(N, device=z1.device)  # this rank's images in the global batch
     self_col = torch.cat([own, own + G])  # (2N,) where each view sits among the keys
     partner = torch.cat([own + G, own])  # (2N,) its other view
-    logits = logits.masked_fill(F.one_hot(self_col, 2 * G).bool(), float("-inf"))  # a view is not its own negative
+    is_self = self_col[:, None] == torch.arange(2 * G, device=z1.device)  # (2N, 2G); one_hot would check its input's range: a host sync
+    logits = logits.masked_fill(is_self, float("-inf"))  # a view is not its own negative
     return F.cross_entropy(logits, partner)
 
 
