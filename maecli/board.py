@@ -1,5 +1,5 @@
 """TensorBoard, for a run to watch: scalars and pictures beside `metrics.jsonl` (which stays the record), in
-`<run folder>/tensorboard`, when the `tensorboard` package is installed (`pip install "maecli[tensorboard]"`); without
+`<run folder>/tensorboard`, when the `tensorboard` package is installed (`pip install ".[tensorboard]"`); without
 it, nothing is written and nothing is said. `tensorboard --logdir runs` then shows every run of a project.
 
 A resumed run purges the events past the step it resumes from, as `metrics.jsonl` drops its lines: a killed run's

@@ -17,13 +17,17 @@ def test_gpu_script_stopped_at_a_random_moment_has_a_line_for_every_stage_it_sta
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3: this interpreter
     proc = subprocess.Popen(["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    moment = random.uniform(8, 40)  # the suite, the pretrain runs or the stop check, as the device tool's limit cuts a call
+    summary = tmp_path / "out" / "summary.txt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and "suite: started" not in (summary.read_text() if summary.exists() else ""):
+        time.sleep(0.1)
+    moment = random.uniform(0, 30)  # in the suite, the pretrain runs or the stop check, as the device tool's limit cuts a call
     try:
         proc.wait(timeout=moment)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)  # the script and its stage, as `timeout` and schedulers send it
         proc.wait(timeout=60)
-    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    lines = summary.read_text().splitlines()
     started = [line.split(":")[0] for line in lines if ": started at " in line]
     assert started and started[0] == "suite", lines
     for name in started:
