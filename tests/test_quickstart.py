@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -112,14 +114,26 @@ def test_readme_fresh_machine_commands_are_true():
     assert sub is not None and sub.make_context(args[0], args[1:]).params["directory"] == Path("maecli-quickstart")
 
 
-def test_readme_quotes_a_quickstart_table():
-    """CI compares the README's quoted table with a fresh quickstart's results.md; here: the quote has that table's
-    shape (the header `results_table` writes, one row per encoder), so the CI comparison is of numbers only."""
-    import runpy
+def verdict(tmp_path: Path, tables: str) -> subprocess.CompletedProcess:
+    """CI's check of the README's claims (`.ci/quickstart_verdict.py`) on `tables` as a fresh run's results.md."""
+    (tmp_path / "results.md").write_text(tables)
+    return subprocess.run([sys.executable, str(ROOT / ".ci" / "quickstart_verdict.py"), str(tmp_path / "results.md"), str(ROOT / "README.md")],
+                          capture_output=True, text=True)
 
+
+def readme_tables() -> str:
+    sys.path.insert(0, str(ROOT / ".ci"))
+    from quickstart_verdict import TABLES, between
+
+    return between((ROOT / "README.md").read_text(), TABLES)
+
+
+def test_readme_quotes_a_quickstart_table_whose_claims_hold(tmp_path):
+    """The README quotes one run's tables (the shape `results_table` and `segmentation_table` write, so CI compares
+    numbers only) and claims about them; CI's check passes on that run, every claim with its lead."""
     from maecli.quickstart import results_table, segmentation_table
 
-    quoted = runpy.run_path(str(ROOT / ".ci" / "quickstart_table.py"))["quoted"]((ROOT / "README.md").read_text()).split("\n\n")
+    quoted = readme_tables().split("\n\n")
     probed = {"k": 20, "results": {name: {"linear": {"top1": 0.5}, "knn": {"top1": 0.5}} for name in ("pretrained", "random init", "raw pixels")}}
     tuned = {"recipe": {"epochs": 10}, "results": {name: {"top1": 0.5} for name in ("pretrained", "random init")}}
     seg_probed = {"classes": list(SEG_CLASSES), "results": {name: {"miou": 0.5, "pixel_acc": 0.5} for name in ("pretrained", "random init", "raw pixels", "majority class")}}
@@ -128,6 +142,26 @@ def test_readme_quotes_a_quickstart_table():
     for table, shape in zip(quoted, (results_table(probed, tuned), segmentation_table(seg_probed, seg_tuned)), strict=True):
         table, shape = table.splitlines(), shape.splitlines()
         assert table[:2] == shape[:2] and [r.split(" | ")[0] for r in table[2:]] == [r.split(" | ")[0] for r in shape[2:]]
+    result = verdict(tmp_path, readme_tables())
+    claims = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAILS"))]
+    assert result.returncode == 0 and len(claims) >= 4 and all(line.startswith("ok") for line in claims), result.stdout
+
+
+def test_ci_fails_when_a_claim_of_the_readme_stops_holding(tmp_path):
+    """A planted run where pretraining lost its lead over random init after fine-tuning (the two rows' figures
+    swapped), and one whose results lack the segmentation table: CI's check fails and names the claim."""
+    lines = readme_tables().splitlines()
+    pre, rnd = (next(i for i, line in enumerate(lines) if line.startswith(f"| {name} |")) for name in ("pretrained", "random init"))
+    a, b = lines[pre].split(" | "), lines[rnd].split(" | ")
+    a[3], b[3] = b[3], a[3]  # the fine-tuned column
+    lines[pre], lines[rnd] = " | ".join(a), " | ".join(b)
+    result = verdict(tmp_path, "\n".join(lines))
+    assert result.returncode == 1 and "does not hold" in result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILS")]
+    assert len(failed) == 1 and failed[0].startswith("FAILS fine-tuned top-1: pretrained ahead of random init"), result.stdout
+    assert "this fresh run's:" in result.stdout and lines[pre] in result.stdout  # the fresh table printed beside the README's
+    no_segmentation = verdict(tmp_path, readme_tables().split("\n\n")[0])
+    assert no_segmentation.returncode == 1 and "not in the fresh tables" in no_segmentation.stdout
 
 
 def test_segmentation_stills_label_what_they_show(tmp_path):
