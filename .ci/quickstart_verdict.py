@@ -6,7 +6,7 @@ counts, CPU instruction sets, seeds: docs/benchmarks.md measures by how much), s
 The README quotes one run's tables and, below them, its claims: rows `| column | better | worse | margin |`, each
 saying that in the results column whose header starts with `column`, the row `better` leads the row `worse` by more
 than `margin` points. Prints the fresh tables beside the README's and every claim with its fresh lead; exit 1 when a
-claim fails (or names a column or row the fresh tables lack).
+claim fails (or names a column or row the fresh tables lack: its lead shows as '-').
 """
 
 import sys
@@ -61,8 +61,8 @@ def check(fresh: str, readme: str) -> list[str]:
     for column, better, worse, margin in claims(readme):
         was, now = lead(quoted, column, better, worse), lead(fresh_table, column, better, worse)
         verdict = "ok" if now is not None and now > margin else "FAILS"
-        shown = "not in the fresh tables" if now is None else f"{now:+.1f}"
-        lines.append(f"{verdict:5s} {column}: {better} ahead of {worse} by more than {margin:g} points: README {was:+.1f}, this run {shown}")
+        was, now = ("-" if x is None else f"{x:+.1f}" for x in (was, now))
+        lines.append(f"{verdict:5s} {column}: {better} ahead of {worse} by more than {margin:g} points: README {was}, this run {now}")
     return lines
 
 
