@@ -14,11 +14,11 @@ project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text
 requirements = project["dependencies"] + project["optional-dependencies"]["test"]
 NEEDS_TORCH = {"torch", "timm", "transformers", "tensorboard"}  # tensorboard: only torch's writer uses it
 for req in requirements:
-    name, floor = re.match(r"([A-Za-z0-9_.-]+)\s*(?:>=\s*([^,\s]+))?", req).groups()
+    name, extras, floor = re.match(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*(?:>=\s*([^,\s]+))?", req).groups()
     if name in NEEDS_TORCH and "--no-torch" in sys.argv or name == "torch" and "--floors" in sys.argv:
         continue
     if "--floors" in sys.argv:
         assert floor, f"{req}: a requirement without a lower bound has no floor to test"
-        print(f"{name}=={floor}")
+        print(f"{name}{extras or ''}=={floor}")
     else:
-        print(name)
+        print(f"{name}{extras or ''}")

@@ -170,7 +170,7 @@ def extract(
 @store_app.command("info")
 @reports_errors
 def store_info(
-    path: Annotated[Path | None, typer.Argument(help="The store folder (default: [extract] store of the project file).")] = None,
+    path: Annotated[str | None, typer.Argument(help="The store folder or URL (default: [extract] store of the project file).")] = None,
     config: ConfigOpt = Path(CONFIG_NAME),
     set_: SetOpt = None,
     json_out: JsonOpt = False,
@@ -184,11 +184,31 @@ def store_info(
     else:
         settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in info["settings"].items())
         print_lines([
-            f"{info['store']} (frame store format {info['format_version']})",
+            f"{info['store']} (frame store format {info['format_version']}, {info['format']} frames)",
             f"frames: {info['frames']['train']} train, {info['frames']['val']} val, {info['size'][0]}x{info['size'][1]} RGB",
             f"videos: {info['videos']}, {human_bytes(info['bytes'])} on disk",
             f"settings: {settings}",
         ])  # fmt: skip
+
+
+@store_app.command("convert")
+@reports_errors
+def store_convert(
+    source: Annotated[str, typer.Argument(help="The store to read (folder or URL).")],
+    target: Annotated[str, typer.Argument(help="The store to write (folder or URL): new, or one this command was converting.")],
+    format: Annotated[str, typer.Option("--format", help="jpeg or raw.")] = "jpeg",
+    quality: Annotated[int, typer.Option("--quality", help="JPEG quality, 1-100.")] = 90,
+    json_out: JsonOpt = False,
+) -> None:
+    """Copy a frame store into another format (raw <-> jpeg), video by video, the same records; resumable."""
+    from maecli.extract import convert_store
+
+    summary = convert_store(source, target, format, quality)
+    if json_out:
+        print_json(summary)
+    else:
+        print_lines([f"{summary['store']}: {summary['videos']} videos in {summary['format']} ({summary['videos_converted']} converted by this run), "
+                     f"{human_bytes(summary['bytes'])}, from {human_bytes(summary['source_bytes'])}"])
 
 
 @app.command()

@@ -6,6 +6,7 @@ A bad file is reported with a one-line reason and the others still extract.
 """
 
 import glob
+import json
 import multiprocessing
 import os
 import time
@@ -22,8 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from maecli.config import ExtractConfig
 from maecli.errors import ConfigError, Interrupted
-from maecli.files import locked, write_json
-from maecli.store import FrameStore, ShardWriter, clear_video, done_fingerprints, fingerprint, open_for_writing, write_record
+from maecli.files import locked
+from maecli.location import Location
+from maecli.store import FORMATS, FrameStore, ShardWriter, clear_video, done_fingerprints, fingerprint, open_for_writing, write_record
 from maecli.video import VIDEO_EXTENSIONS, VideoError, grey_thumbnail, sample_frames, to_rgb
 
 
@@ -76,7 +78,7 @@ def in_shard(fp: str, shard: tuple[int, int] | None) -> bool:
 def extract_video(job: Job, root: Path, cfg: ExtractConfig, threads: int = 0, report: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Decode, sample, resize and dedup one video into shards; return its record (written by the caller)."""
     clear_video(root, job.fp)
-    writer = ShardWriter(root, job.fp, cfg.size, cfg.shard_frames)
+    writer = ShardWriter(root, job.fp, cfg.size, cfg.shard_frames, cfg.format, cfg.quality)
     times, indices, dropped, last, warning, info = [], [], 0, None, None, {}
     try:
         for index, t, frame in sample_frames(job.path, fps=cfg.fps, every_n=cfg.every_n, start=cfg.start, end=cfg.end, threads=threads, info=info):
@@ -100,6 +102,7 @@ def extract_video(job: Job, root: Path, cfg: ExtractConfig, threads: int = 0, re
         warning = f"kept the {len(times)} frames before an error: {err}"  # a truncated recording is still footage
     if report is not None:
         report(len(times) % 8)
+    shards, spans = writer.close()
     return dict(
         source=str(job.path),
         fingerprint=job.fp,
@@ -111,26 +114,30 @@ def extract_video(job: Job, root: Path, cfg: ExtractConfig, threads: int = 0, re
         bytes=job.path.stat().st_size,
         decoded=info["decoded"],
         dropped_duplicates=dropped,
-        shards=writer.close(),
+        shards=shards,
         timestamps=times,
         frame_indices=indices,
         warning=warning,
+        **({"spans": spans} if spans is not None else {}),
     )
 
 
-def _safe_extract(job: Job, root: Path, cfg: ExtractConfig, threads: int, report: Callable[[int], None] | None) -> dict[str, Any]:
+def _safe_extract(job: Job, where: Location, cfg: ExtractConfig, threads: int, report: Callable[[int], None] | None) -> dict[str, Any]:
     """The worker's entry point: one video, extracted and recorded while this process holds its lock, so two runs
     on one store never write the same video at once (the other one skips it). A bad video becomes a failure entry,
-    never an exception across processes; any other failure (a full disk, Ctrl-C) leaves none of its files behind."""
+    never an exception across processes; any other failure (a full disk, Ctrl-C) leaves none of its files behind.
+    For a URL the video is written to a local staging folder, then its shards are uploaded and its record last."""
+    root = where.staging
     lock = root / "shards" / f".{job.fp}.lock"
     with locked(lock) as holder:
         if holder is not None:
             return {"busy": f"being extracted by another run ({holder}): skipped"}
         try:
-            if (root / "videos" / f"{job.fp}.json").exists():  # another run finished it since this one looked
+            if where.read_text(f"videos/{job.fp}.json") is not None:  # another run finished it since this one looked
                 return {"busy": "extracted by another run meanwhile: skipped"}
             record = extract_video(job, root, cfg, threads, report)
-            write_record(root, record)  # the video is in the store from here on
+            write_record(root, record)  # the video is in the store from here on (once published, for a URL)
+            where.publish([f"shards/{name}" for name, *_ in record["shards"]] + [f"videos/{job.fp}.json"])
             return record
         except VideoError as err:
             clear_video(root, job.fp)
@@ -151,8 +158,8 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
     items = inputs or cfg.inputs
     if not items:
         raise ConfigError("extract.inputs: no videos given (list them under [extract] inputs, or pass them as arguments)")
-    root = cfg.store
-    open_for_writing(root, cfg.settings)
+    where = Location(cfg.store)
+    open_for_writing(where, cfg.settings)
     t_start = time.perf_counter()
 
     paths, failures = find_videos(items)
@@ -172,7 +179,7 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
         seen[fp] = path
         if in_shard(fp, shard):
             jobs.append(Job(path, fp, split_of(fp, cfg.val_fraction)))
-    done = done_fingerprints(root)
+    done = done_fingerprints(where)
     todo = [j for j in jobs if j.fp not in done]
     cores = os.cpu_count() or 1
     workers = max(1, min(cfg.workers or cores, len(todo)))
@@ -206,12 +213,12 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
         try:
             if workers == 1:
                 for job in todo:
-                    finish(job, _safe_extract(job, root, cfg, threads, count))
+                    finish(job, _safe_extract(job, where, cfg, threads, count))
             else:
                 ctx = multiprocessing.get_context("spawn")
                 with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                     queue = manager.Queue()
-                    running = {pool.submit(_safe_extract, job, root, cfg, threads, partial(_put, queue)): job for job in todo}
+                    running = {pool.submit(_safe_extract, job, where, cfg, threads, partial(_put, queue)): job for job in todo}
                     try:
                         while running:
                             finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -228,7 +235,7 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
     seconds = time.perf_counter() - t_start
     new_frames = sum(len(r["timestamps"]) for r in records)
     summary = dict(
-        **FrameStore(root).info(),
+        **FrameStore(cfg.store).info(),
         videos_extracted=len(records),
         videos_skipped=len(jobs) - len(todo) + len(others),
         videos_failed=len(failures),
@@ -240,5 +247,33 @@ def run_extract(cfg: ExtractConfig, inputs: list[str] | None = None, shard: tupl
         warnings=warnings,
         shard=f"{shard[0]}/{shard[1]}" if shard else None,
     )
-    write_json(root / "last-extract.json", summary)
+    where.write_text("last-extract.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def convert_store(source: str, target: str, format: str, quality: int) -> dict[str, Any]:
+    """Rewrite every video of `source` into `target` in another format: the same frames (re-encoded), timestamps and
+    split; a video at a time, each published as extract publishes it, so an interrupted run resumes."""
+    if format not in FORMATS or not 1 <= quality <= 100:
+        raise ConfigError(f"--format/--quality: expected jpeg or raw and a quality of 1-100 (got {format!r}, {quality})")
+    store = FrameStore(source)
+    where = Location(target)
+    settings = store.meta["settings"] | {"format": format, "quality": quality}
+    open_for_writing(where, settings)
+    done = done_fingerprints(where)
+    converted = 0
+    for v, start, stop in zip(store.videos, store.video_offsets[:-1].tolist(), store.video_offsets[1:].tolist()):
+        if v["fingerprint"] in done:
+            continue
+        clear_video(where.staging, v["fingerprint"])
+        writer = ShardWriter(where.staging, v["fingerprint"], store.size, settings["shard_frames"], format, quality)
+        for first in range(start, stop, 256):
+            for rgb in store.get_batch(np.arange(first, min(stop, first + 256))):
+                writer.add(rgb)
+        shards, spans = writer.close()
+        record = {k: x for k, x in v.items() if k != "spans"} | {"shards": shards} | ({"spans": spans} if spans is not None else {})
+        write_record(where.staging, record)
+        where.publish([f"shards/{name}" for name, *_ in shards] + [f"videos/{v['fingerprint']}.json"])
+        converted += 1
+    info = FrameStore(target).info()
+    return dict(**info, videos_converted=converted, source_bytes=store.info()["bytes"])

@@ -56,7 +56,7 @@ def run(runner, config, *args):
 def store_state(root: Path) -> dict:
     """Everything a store holds that must not depend on how it was made: records and shard bytes."""
     records = {p.name: json.loads(p.read_text()) for p in (root / "videos").glob("*.json")}
-    shards = {p.name: p.read_bytes() for p in (root / "shards").glob("*.npy")}
+    shards = {p.name: p.read_bytes() for p in (root / "shards").glob("[!.]*")}
     return {"records": records, "shards": shards, "hidden": sorted(p.name for p in (root / "shards").glob(".*"))}
 
 
