@@ -13,6 +13,7 @@ from pathlib import Path
 project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
 requirements = project["dependencies"] + project["optional-dependencies"]["test"]
 NEEDS_TORCH = {"torch", "timm", "transformers", "tensorboard"}  # tensorboard: only torch's writer uses it
+NEEDS_TORCH |= {"s3fs", "moto", "webdataset"}  # only tests/test_store.py uses them, and it pretrains
 for req in requirements:
     name, extras, floor = re.match(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*(?:>=\s*([^,\s]+))?", req).groups()
     if name in NEEDS_TORCH and "--no-torch" in sys.argv or name == "torch" and "--floors" in sys.argv:

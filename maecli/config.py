@@ -144,7 +144,7 @@ class ExtractConfig(Section):
     """Videos to a frame store: which files, how frames are sampled, and the stored frame size."""
 
     inputs: list[str] = Field([], description="Video files, folders (searched recursively) and glob patterns (relative: to this file).")
-    store: str = Field("frames", description="The frame store that extract writes and every other command reads: a folder, or a URL (s3://, gs://, https://).")
+    store: str = Field("frames", description="The frame store that extract writes and every other command reads: a folder, or a URL (s3://, gs://; https:// to read).")
     fps: float = Field(2.0, ge=0, description="Frames kept per second of video, chosen by timestamp (0: sample by every_n).")
     every_n: int = Field(0, ge=0, description="Keep every N-th decoded frame instead of sampling by fps (needs fps = 0).")
     start: float = Field(0.0, ge=0, description="Seconds skipped at the start of each video.")

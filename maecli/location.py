@@ -35,9 +35,9 @@ def cache_root() -> Path:
 
 
 class Location:
-    """A store's folder: `read_text`, `sizes` (a folder's files), `write_text`, `upload` and `local` (a file as a local
-    path, downloaded into the cache for a URL). `staging` is where `extract` writes before publishing: the folder
-    itself when it is local."""
+    """A store's folder: `read_text(s)`, `sizes` (a folder's files), `write_text`, `local` (files as local paths,
+    downloaded into the cache for a URL) and `publish` (staged files uploaded). `staging` is where `extract` writes
+    before publishing: the folder itself when it is local."""
 
     def __init__(self, where: str | Path) -> None:
         self.name = str(where).rstrip("/")
@@ -135,10 +135,6 @@ class Location:
         with self._remote(rel):
             self.fs.pipe_file(self.url(rel), text.encode())
 
-    def upload(self, local: Path, rel: str) -> None:
-        with self._remote(rel):
-            self.fs.put_file(str(local), self.url(rel))
-
     def local(self, rels: list[str], sizes: list[int | None]) -> list[Path]:
         """Local paths of these files: the store's own for a folder; for a URL, cached copies, the missing ones
         downloaded together, each checked against its expected size."""
@@ -162,9 +158,10 @@ class Location:
             self._evict(keep=set(paths))
         now = time.time()
         for rel, path, size in zip(rels, paths, sizes):
-            if size is not None and path.stat().st_size != size:
+            got = path.stat().st_size
+            if size is not None and got != size:
                 path.unlink(missing_ok=True)
-                raise ConfigError(f"{self.url(rel)}: {path.stat().st_size if path.exists() else 'other'} bytes, its record says {size}: truncated or overwritten")
+                raise ConfigError(f"{self.url(rel)}: {got:,} bytes, its record says {size:,} (truncated or overwritten)")
             os.utime(path, (now, now))  # recently used: evicted last
         return paths
 
@@ -182,7 +179,8 @@ class Location:
         if not self.remote:
             return
         for rel in rels:
-            self.upload(self.staging / rel, rel)
+            with self._remote(rel):
+                self.fs.put_file(str(self.staging / rel), self.url(rel))
         for rel in rels:
             (self.staging / rel).unlink(missing_ok=True)
 
