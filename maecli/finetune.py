@@ -201,10 +201,10 @@ def _train(cfg: MaecliConfig, encoder: MaskedAutoencoder, arch: dict[str, Any], 
                     append_line(metrics, json.dumps(row))
                     board.scalars(done, {"train/loss": train_loss, **{f"val/{k.removeprefix('val_')}": v for k, v in scores.items()}, "train/lr": step_lr,
                                          "perf/images_per_s": row["images_per_s"]})
-                    progress.update(task, epoch=row["epoch"], loss=f"{train_loss:.4f}", lr=f"{step_lr:.2e}", ips=f"{row['images_per_s']:.1f}")
+                    progress.update(task, epoch=row["epoch"], loss=f"{row['train_loss']:.4f}", lr=f"{step_lr:.2e}", ips=f"{row['images_per_s']:.1f}")
                     if plain:
                         elapsed = time.perf_counter() - t_run
-                        console.print(log_line(f"finetune {name}", done, total, done / steps_per_epoch, train_loss, step_lr, row["images_per_s"], None,
+                        console.print(log_line(f"finetune {name}", done, total, done / steps_per_epoch, row["train_loss"], step_lr, row["images_per_s"], None,
                                                elapsed, (total - done) * elapsed / (done - start)), markup=False, soft_wrap=True)
                 loss_steps, t_epoch = 0, time.perf_counter()
                 if is_main:

@@ -138,9 +138,9 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
                     now = time.perf_counter()
                     if is_main and (done % pc.log_every == 0 or at_ckpt):
                         row = log.metrics(done, done / sched.steps_per_epoch, loss_value, lr, grad_norm.item(), sched.batch, loader.waited)
-                        progress.update(task, epoch=done // sched.steps_per_epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", ips=f"{row['images_per_s']:.1f}")
+                        progress.update(task, epoch=done // sched.steps_per_epoch, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{row['images_per_s']:.1f}")
                         if plain:
-                            console.print(log_line("pretrain", done, sched.total, done / sched.steps_per_epoch, loss_value, lr, row["images_per_s"],
+                            console.print(log_line("pretrain", done, sched.total, done / sched.steps_per_epoch, row["loss"], lr, row["images_per_s"],
                                                    row["data_wait"], now - t_run, (sched.total - done) * (now - t_run) / (done - start)), markup=False, soft_wrap=True)
                     elif is_main:
                         progress.update(task, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
