@@ -1,5 +1,5 @@
 """`maecli bench`: what a training step costs, measured. The step is `pretrain`'s, for any method of `maecli.methods`
-(MAE, SimCLR, SiamMAE, CropMAE: augmentation on the device, forward, backward, AdamW), and the paper's "mask tokens
+(augmentation on the device, forward, backward, AdamW), and the paper's "mask tokens
 through the encoder" baseline runs through MAE's; analytic FLOPs; a matmul peak; interleaved timing (A, B, C, A, B, C, ...) so ratios hold
 on a noisy machine. `compare` and `benchmarks/` time their steps with the same function."""
 
@@ -20,7 +20,7 @@ from maecli.config import MaecliConfig, apply_overrides, load_config, validate_c
 from maecli.device import autocast_for, compile_mode, pick_device
 from maecli.errors import ConfigError
 from maecli.loop import for_training, param_groups
-from maecli.methods import Method, method_of
+from maecli.methods import METHODS, method_of
 from maecli.methods.mae import analytic_flops
 from maecli.model import MaskedAutoencoder, to_2tuple
 
@@ -51,7 +51,7 @@ class MaskTokensInEncoder(nn.Module):
         return m.forward_loss(imgs, pred, mask), pred, mask
 
 
-def train_step_fn(model: nn.Module, method: Method, frames: torch.Tensor, *, seed: int = 0, weight_decay: float = 0.05,
+def train_step_fn(model: nn.Module, method: Any, frames: torch.Tensor, *, seed: int = 0, weight_decay: float = 0.05,
                   compile: str | None = None) -> Callable[[], None]:
     """One `pretrain` step of `method` on fixed uint8 frames (B, H, W, 3) (paired with the next frame of the batch for
     the methods of frame pairs) and one fixed draw of its randomness, as a function to time: augmentation on the frames' device, forward under autocast, backward, fused AdamW with
@@ -150,7 +150,7 @@ def matmul_peak(device: torch.device, reps: int = 10) -> tuple[float, str]:
 def bench_setup(config: Path, overrides: list[str], *, model: str | None, patch: int | None, img: str | None,
                 device: str) -> tuple[MaecliConfig, torch.device]:
     """What `maecli bench` measures: the model (a preset with --patch/--img, else the project's [model]; --set applies
-    on top) with the project's (or the default) [pretrain] and [simclr] settings, and the device."""
+    on top) with the project's (or the default) [pretrain] and method settings, and the device."""
     dev = pick_device(device, field="--device")
     if model is not None:
         try:
@@ -167,9 +167,9 @@ def bench_setup(config: Path, overrides: list[str], *, model: str | None, patch:
 
 def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder_depths: list[int], device: torch.device,
               peak_tflops: float | None = None, compile: bool | None = None, profile: Path | None = None) -> dict[str, Any]:
-    """The `pretrain` step of MAE, of MAE with mask tokens in the encoder, of SimCLR (two views), SiamMAE and CropMAE
-    (a frame whole and one mostly hidden) on the same encoder, for [model] with [pretrain]'s, [simclr]'s, [siammae]'s
-    and [cropmae]'s settings, timed interleaved on the same frames.
+    """The `pretrain` step of MAE, of MAE with mask tokens in the encoder and of every other registered method (each
+    under its `label`) on the same encoder, for [model] with [pretrain]'s and each method's settings, timed
+    interleaved on the same frames.
 
     `decoder_depths` adds MAE and w/ [M] pairs with other decoder depths. Every variant is compiled (in
     `pretrain.compile_mode`) when `compile` is true (None: as `pretrain.compile` says). Returns every variant's step
@@ -191,10 +191,10 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
         fns[f"mae{tag}"] = train_step_fn(mae.build().to(device), mae, frames, seed=seed, weight_decay=wd, compile=mode)
         fns[f"mae w/ [M]{tag}"] = train_step_fn(MaskTokensInEncoder(mae.build()).to(device), mae, frames, seed=seed, weight_decay=wd, compile=mode)
         flops[f"mae{tag}"], flops[f"mae w/ [M]{tag}"] = mae.flops_per_image(), analytic_flops(mae.arch, mask_ratio, True)
-    for name, label in (("simclr", "contrastive (2 views)"), ("siammae", "siammae (frame pair)"), ("cropmae", "cropmae (2 crops)")):
-        method = method_of(cfg, name)
-        fns[label] = train_step_fn(method.build().to(device), method, frames, seed=seed, weight_decay=wd, compile=mode)
-        flops[label] = method.flops_per_image()
+    others = [method_of(cfg, name) for name in METHODS if name != "mae"]
+    for method in others:
+        fns[method.label] = train_step_fn(method.build().to(device), method, frames, seed=seed, weight_decay=wd, compile=mode)
+        flops[method.label] = method.flops_per_image()
 
     peak_mem = {}
     for name, fn in fns.items():  # one step alone per variant for its peak memory (CUDA only)
@@ -216,7 +216,7 @@ def run_bench(cfg: MaecliConfig, *, batch: int, steps: int, warmup: int, decoder
             mae_name = "mae" + name.removeprefix("mae w/ [M]")
             speedups[f"{mae_name} vs {name}"] = dict(measured=variants[name]["step_s_median"] / variants[mae_name]["step_s_median"],
                                                      analytic=flops[name] / flops[mae_name])
-    for other in ("contrastive (2 views)", "siammae (frame pair)", "cropmae (2 crops)"):
+    for other in (method.label for method in others):
         speedups[f"mae vs {other}"] = dict(measured=variants[other]["step_s_median"] / variants["mae"]["step_s_median"], analytic=flops[other] / flops["mae"])
     if profile is not None:  # the step users ask about; a trace of every variant takes minutes on a GPU
         profile_steps({"mae": fns["mae"]}, Path(profile), device)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from maecli.errors import CheckpointError, ConfigError
 from maecli.files import atomic_write, write_json
-from maecli.methods.siammae import SiameseMAE
+from maecli.methods import method_class, weights_method
 from maecli.model import MaskedAutoencoder, to_2tuple
 
 FORMAT_VERSION = "1"
@@ -370,23 +370,24 @@ def _reason(err: Exception) -> str:
 
 
 def load_model(path: Path, arch: dict[str, Any] | None = None, *, encoder_only_ok: bool = False) -> tuple[MaskedAutoencoder, dict[str, Any]]:
-    """Build the MAE a weights file describes (or `arch`, for files that record none) and load it strictly: a
-    `SiameseMAE` when the decoder attends to another frame (siammae, cropmae). With `encoder_only_ok` (what uses the
-    encoder alone) the decoder may be missing, and a contrastive projection head or a frame-pair decoder is left out."""
+    """Build the model of the method that wrote a weights file (`maecli.methods.weights_method`), of the shape it
+    records (or `arch`, for files that record none), and load it strictly. With `encoder_only_ok` (what uses the
+    encoder alone) the decoder may be missing, and the head of a method whose decoder is not the MAE's is left out.
+    Returns the model and its shape; `model.method` names the method."""
     state_dict, file_arch = read_weights(path)
     if "head.weight" in state_dict:
         raise CheckpointError(f"{path}: a fine-tuned classifier (from maecli finetune), not MAE weights; load it with timm (see its classifier.json)")
-    if any(k.startswith("projector.") for k in state_dict):
-        if not encoder_only_ok:
-            raise ConfigError(f"{path}: a contrastive (simclr) checkpoint: an encoder without an MAE decoder, so there is nothing to reconstruct "
-                              "(probe, finetune and export --format timm use it)")
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("projector.")}
-    pairs = any(".cross_attn." in k for k in state_dict)
-    if pairs and encoder_only_ok:
+    metadata = read_metadata(path) if Path(path).suffix == ".safetensors" else {}
+    method = method_class(weights_method(metadata, state_dict))
+    if not encoder_only_ok and not method.reconstructs:
+        raise ConfigError(f"{path}: a {method.kind} ({method.name}) checkpoint: an encoder without an MAE decoder, so there is nothing to reconstruct "
+                          "(probe, finetune and export --format timm use it)")
+    if encoder_only_ok and not method.mae_decoder:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEADS)}
     arch = file_arch or arch
     if arch is None:
         raise CheckpointError(f"{path}: the file records no architecture; give the model size in the [model] section")
-    model = SiameseMAE(**arch) if pairs and not encoder_only_ok else MaskedAutoencoder(**arch)
+    model = MaskedAutoencoder(**arch) if encoder_only_ok else method.model_class(**arch)
     load_state(model, state_dict, path, encoder_only_ok=encoder_only_ok)
+    model.method = method.name
     return model, arch

@@ -19,6 +19,7 @@ from maecli import __version__
 from maecli.config import CONFIG_NAME, MaecliConfig, dump_toml, load_config, write_template
 from maecli.errors import ConfigError, MaecliError
 from maecli.files import out_of_space
+from maecli.methods import METHODS, listed
 
 app = typer.Typer(
     name="maecli",
@@ -211,7 +212,8 @@ def store_convert(
                      f"{human_bytes(summary['bytes'])}, from {human_bytes(summary['source_bytes'])}"])
 
 
-@app.command()
+@app.command(help=f"Pretrain on the frame store's train split (MAE; pretrain.method picks {listed(list(METHODS)[1:])} instead); resumes the run folder's "
+             "latest checkpoint.")
 @reports_errors
 def pretrain(
     config: ConfigOpt = Path(CONFIG_NAME),
@@ -219,7 +221,6 @@ def pretrain(
     restart: Annotated[bool, typer.Option("--restart", help="Delete this run's checkpoints and start over.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Pretrain on the frame store's train split (MAE; pretrain.method picks simclr, siammae or cropmae instead); resumes the run folder's latest checkpoint."""
     from maecli.train import pretrain as run_pretrain
 
     cfg = load_config(config, set_ or [])
@@ -445,7 +446,7 @@ def compare(
     budget: Annotated[str | None, typer.Option("--budget", help="Training time per method on this device: 90s, 20m, 2h (sets compare.budget).")] = None,
     budget_flops: Annotated[float | None, typer.Option("--budget-flops", help="Training FLOPs per method, e.g. 1e15 (sets compare.budget_flops).")] = None,
     budget_steps: Annotated[int | None, typer.Option("--budget-steps", help="Steps of the first method; the others get its FLOPs (sets compare.budget_steps).")] = None,
-    method: Annotated[list[str] | None, typer.Option("--method", metavar="NAME", help="A method to compare: mae, simclr, siammae or cropmae; repeatable (sets compare.methods).")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", metavar="NAME", help=f"A method to compare: {listed(list(METHODS))}; repeatable (sets compare.methods).")] = None,
     finetune_epochs: Annotated[int | None, typer.Option("--finetune-epochs", help="Also fine-tune each final encoder for this many epochs (sets compare.finetune_epochs).")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Delete this comparison (plan, runs, probes) and start over.")] = False,
     json_out: JsonOpt = False,
@@ -570,7 +571,7 @@ def bench(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a bar chart PNG of images/s here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Measure MAE's step against mask tokens in the encoder, a two-view contrastive (SimCLR) step and the frame-pair steps (SiamMAE, CropMAE) on this machine."""
+    """Measure MAE's step against mask tokens in the encoder and every other method's step (contrastive, frame pairs) on this machine."""
     from rich.table import Table
 
     from maecli.bench import bench_setup, run_bench

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from maecli.errors import ConfigError
 from maecli.files import write_text
+from maecli.methods import METHODS, listed
 
 CONFIG_NAME = "maecli.toml"
 
@@ -29,7 +31,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
 PresetName = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"]
-MethodName = Literal["mae", "simclr", "siammae", "cropmae"]
 CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes, and auto
 
 
@@ -44,6 +45,16 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 def _resolve_optional(value: str, info: ValidationInfo) -> str:
     """An optional path ("" for none), resolved against the project file's folder."""
     return str(_resolve_path(Path(value), info)) if value else value
+
+
+def _known_method(value: str) -> str:
+    """A registered pretraining method (`maecli.methods`), reported as a Literal's error is."""
+    if value not in METHODS:
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": listed([repr(name) for name in METHODS])})
+    return value
+
+
+MethodName = Annotated[str, AfterValidator(_known_method)]
 
 
 def _square(value: Any) -> Any:
@@ -419,11 +430,12 @@ class MaecliConfig(Section):
 
     @model_validator(mode="after")
     def _visible_patches(self) -> "MaecliConfig":
-        """A frame-pair method that runs (in pretrain or compare) must leave its later frame a visible patch."""
+        """A method that runs (in pretrain or compare) with a mask ratio of its own ([siammae], [cropmae]) must leave its
+        masked image a visible patch."""
         problems = []
-        for name in ("siammae", "cropmae"):
-            ratio = getattr(self, name).mask_ratio
-            if name in (self.pretrain.method, *self.compare.methods) and int(self.model.num_patches * (1 - ratio)) < 1:
+        for name in dict.fromkeys((self.pretrain.method, *self.compare.methods)):
+            ratio = getattr(getattr(self, name, None), "mask_ratio", None)
+            if ratio is not None and int(self.model.num_patches * (1 - ratio)) < 1:
                 problems.append(f"{name}.mask_ratio: leaves no visible patch out of the model's {self.model.num_patches} (got {_show(ratio)})")
         if problems:
             raise ValueError("\n".join(problems))

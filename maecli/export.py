@@ -22,16 +22,17 @@ from maecli.errors import ConfigError
 from maecli.files import atomic_write, write_json
 from maecli.inference import load_for_inference, pool_features
 from maecli.inputs import Inputs
-from maecli.methods.siammae import SiameseMAE
+from maecli.methods import METHODS, listed, method_class
 from maecli.vit import encoder_state_dict, load_snippet, timm_spec
 
 def export_encoder(cfg: MaecliConfig, *, checkpoint: str | None, fmt: str, out: str | None) -> dict[str, Any]:
     notes: list[str] = []
     path = resolve_checkpoint(cfg.run_dir, checkpoint or cfg.export.checkpoint, notes)
     model, arch = load_model(path, canonical_arch(cfg.model.mae_kwargs), encoder_only_ok=fmt == "timm")  # HF's ViTMAE holds the decoder
-    if fmt == "hf" and isinstance(model, SiameseMAE):
-        raise ConfigError(f"{path}: a frame-pair (siammae or cropmae) checkpoint: its decoder attends to a second frame, which Hugging Face's "
-                          "ViTMAE has no place for; export the encoder with --format timm")
+    method = method_class(model.method)
+    if fmt == "hf" and method.not_hf:
+        alike = listed([name for name in METHODS if method_class(name).kind == method.kind])
+        raise ConfigError(f"{path}: a {method.kind} ({alike}) checkpoint: {method.not_hf}; export the encoder with --format timm")
     folder = Path(out or cfg.export.out or cfg.run_dir / "export")
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":

@@ -33,7 +33,6 @@ from maecli.inputs import Inputs, shown_split
 from maecli.loop import PROJECT_STEPS, CompileWatch, compile_scope, distributed, eager, for_training, get_lr, log_line, param_groups, peak_memory_mib, progress_bar, projection, stop_on_signals
 from maecli.methods import method_of
 from maecli.model import MaskedAutoencoder
-from maecli.methods.simclr import collapse_note
 from maecli.store import FrameStore
 
 
@@ -58,15 +57,7 @@ class Schedule:
         steps_per_epoch = plan.micro_steps_per_epoch // pc.accum_iter
         batch = plan.global_batch * pc.accum_iter
         return cls(steps_per_epoch=steps_per_epoch, total=pc.steps or pc.epochs * steps_per_epoch,
-                   warmup=pc.warmup_steps or round(pc.warmup_epochs * steps_per_epoch), batch=batch, lr=lr_of(cfg, batch))
-
-
-def lr_of(cfg: MaecliConfig, batch: int) -> float:
-    """The peak learning rate at this effective batch: [simclr] blr for SimCLR runs when set, else pretrain.lr, else
-    pretrain.blr x batch / 256."""
-    if cfg.pretrain.method == "simclr" and cfg.simclr.blr:
-        return cfg.simclr.blr * batch / 256
-    return cfg.pretrain.lr or cfg.pretrain.blr * batch / 256
+                   warmup=pc.warmup_steps or round(pc.warmup_epochs * steps_per_epoch), batch=batch, lr=method_of(cfg).lr(batch))
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -99,7 +90,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     model = for_training(raw, device, world, mode)
     graphs = mode == "reduce-overhead"  # CUDA graphs: each forward starts a new replay
     autocast = autocast_for(device)
-    log = RunLog(cfg, start, raw, device, method.flops_per_image()) if is_main else None
+    log = RunLog(cfg, start, raw, device, method) if is_main else None
     loader = Loader(store, samples, plan, start * pc.accum_iter, device, method.draw)
     first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, found without a host sync
     last_ckpt, t_run, t_first = None, time.perf_counter(), 0.0
@@ -171,8 +162,7 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     if not is_main:
         return None
     seconds = time.perf_counter() - t_run
-    if method.name == "simclr" and (note := collapse_note(log.last_loss, plan.global_batch)):
-        notes.append(note)
+    notes += method.after_run(log.last_loss, plan.global_batch)
     return log.finish(dict(
         run_dir=str(cfg.run_dir), method=method.name, steps=sched.total, steps_this_run=sched.total - start, epochs=round(sched.total / sched.steps_per_epoch, 3),
         final_loss=round(log.last_loss, 6), seconds=round(seconds, 2), images_per_s=round((sched.total - start) * sched.batch / seconds, 2),
@@ -197,10 +187,10 @@ def load_start(cfg: MaecliConfig, model: torch.nn.Module, optimizer: torch.optim
     """Where training starts: the run's newest checkpoint (model and optimizer), else `init_from`'s weights (the
     encoder at least: another method's head is left out, this method's starts fresh when the file lacks it), else
     step 0 from the seed's initialization. Returns the step and a note for the user."""
-    arch, method = canonical_arch(cfg.model.mae_kwargs), cfg.pretrain.method
+    arch, method = canonical_arch(cfg.model.mae_kwargs), method_of(cfg)
     ckpt_dir = cfg.run_dir / "checkpoints"
-    if (found := checkpoint_method(ckpt_dir)) not in (None, method):
-        raise ConfigError(f"{cfg.run_dir}: this run was trained with pretrain.method = {found!r}, not {method!r} (use --restart to start over, "
+    if (found := checkpoint_method(ckpt_dir)) not in (None, method.name):
+        raise ConfigError(f"{cfg.run_dir}: this run was trained with pretrain.method = {found!r}, not {method.name!r} (use --restart to start over, "
                           "or another pretrain.run)")
     notes: list[str] = []
     start, weights = resume_checkpoint(ckpt_dir, model, optimizer, arch, device, notes)
@@ -210,14 +200,13 @@ def load_start(cfg: MaecliConfig, model: torch.nn.Module, optimizer: torch.optim
     if not init_from:
         return 0, notes
     state_dict, found_arch = read_weights(Path(init_from))
-    decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads") if method != "mae" else ()
+    decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads") if not method.mae_decoder else ()
     if found_arch is not None:  # norm_pix_loss may change: it is the loss, not the shape
         check_same_arch(found_arch, arch, init_from, "init_from has another model shape", ignore=("norm_pix_loss", *decoder))
     own = model.state_dict()
     state_dict = {k: v for k, v in state_dict.items() if k in own or not k.startswith(HEADS)}  # another method's head stays behind
     missing = load_state(model, state_dict, init_from, encoder_only_ok=True)
-    head = "decoder" if method == "mae" else "projection head"
-    return 0, notes + [f"initialized from {init_from}" + (f" (encoder only: {len(missing)} tensors of the {head} start fresh)" if missing else "")]
+    return 0, notes + [f"initialized from {init_from}" + (f" (encoder only: {len(missing)} tensors of the {method.head} start fresh)" if missing else "")]
 
 
 def clip_grads(model: torch.nn.Module, clip: float, norm: bool) -> torch.Tensor | None:
@@ -241,17 +230,13 @@ def checked_loss(step_loss: torch.Tensor, first_bad: torch.Tensor, world: int, l
     return step_loss.item()
 
 
-LOSS_NAMES = {"mae": "MSE on masked patches", "simclr": "NT-Xent", "siammae": "MSE on the later frame's masked patches",
-              "cropmae": "MSE on the local crop's masked patches"}
-
-
 class RunLog:
     """What the main process writes besides checkpoints: `config.toml`, `metrics.jsonl` (cut back to the step the run
     starts from, so a killed run's extra lines go), for MAE reconstruction snapshots of fixed frames and masks (those
     that `maecli visualize` shows; it shows the other methods' on demand), and at the end `loss.png` and `summary.json`;
     the same scalars and snapshots for TensorBoard where it is installed (`maecli.board`), with the MFU on CUDA."""
 
-    def __init__(self, cfg: MaecliConfig, start: int, model: torch.nn.Module, device: torch.device, flops_per_image: float) -> None:
+    def __init__(self, cfg: MaecliConfig, start: int, model: torch.nn.Module, device: torch.device, method: Any) -> None:
         self.run_dir, self.title = cfg.run_dir, cfg.project.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.run_dir / "config.toml", dump_toml(cfg))
@@ -259,11 +244,11 @@ class RunLog:
         kept = keep_lines(self.metrics_path, lambda r: r["step"] <= start)
         self.last_loss = kept[-1]["loss"] if kept else float("nan")  # a finished run, rerun, still reports its loss
         self.device, self.t, self.waited = device, time.perf_counter(), 0.0
-        self.method, self.snapshots = cfg.pretrain.method, cfg.pretrain.method == "mae"
+        self.loss_name, self.snapshots = method.loss_name, method.reconstructs == "frames"  # the others' pictures need pairs, or have none
         self.last_step = start
         self.board = Board(self.run_dir, start)
-        self.flops, self.peak = flops_per_image, device_peak(device, None)[0] if device.type == "cuda" else None  # MFU: on a GPU of known peak
-        if not self.snapshots:  # SimCLR has nothing to reconstruct, the frame-pair methods need pairs: visualize shows them
+        self.flops, self.peak = method.flops_per_image(), device_peak(device, None)[0] if device.type == "cuda" else None  # MFU: on a GPU of known peak
+        if not self.snapshots:
             return
         snap = Inputs(cfg, [], model.img_size, split=shown_split(cfg)[0], limit=cfg.visualize.num_images)
         self.snap_imgs, _ = snap.read(0, len(snap.rows), device)  # (N, 3, h, w)
@@ -293,7 +278,7 @@ class RunLog:
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         self.board.close()
-        plot_loss(self.metrics_path, self.run_dir / "loss.png", self.title, LOSS_NAMES[self.method])
+        plot_loss(self.metrics_path, self.run_dir / "loss.png", self.title, self.loss_name)
         write_json(self.run_dir / "summary.json", summary)
         return summary
 

@@ -12,14 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from maecli.checkpoint import read_metadata
 from maecli.config import MaecliConfig
 from maecli.errors import ConfigError
 from maecli.figures import save_reconstructions
 from maecli.inference import fixed_noise, load_for_inference, reconstruct
 from maecli.inputs import Inputs, shown_split
-from maecli.methods import method_of
-from maecli.methods.siammae import SiameseMAE
+from maecli.methods import method_class, method_of
 from maecli.store import FrameStore
 from maecli.video import VIDEO_EXTENSIONS, write_h264
 
@@ -35,7 +33,7 @@ def run_visualize(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | Non
     model, _, path, device = load_for_inference(cfg, checkpoint or vc.checkpoint, notes, decoder=True)
     split, split_notes = shown_split(cfg) if not inputs else ("all", [])
     notes += split_notes
-    if isinstance(model, SiameseMAE):
+    if method_class(model.method).reconstructs == "pairs":
         return show_pairs(cfg, model, path, device, split, inputs or video_out, mask_ratio, out, notes)
     ratio = mask_ratio if mask_ratio is not None else (vc.mask_ratio or cfg.model.mask_ratio)
     source = Inputs(cfg, inputs, model.img_size, split=split, limit=0 if video_out else vc.num_images, start=start, end=end)
@@ -64,11 +62,11 @@ def run_visualize(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | Non
     return {**summary, "video": str(video_out), "frames": len(frames), "fps": fps, "columns": ["original", "masked", "reconstruction + visible"]}
 
 
-def show_pairs(cfg: MaecliConfig, model: SiameseMAE, path: Path, device: torch.device, split: str, inputs: Any, mask_ratio: float | None,
+def show_pairs(cfg: MaecliConfig, model: torch.nn.Module, path: Path, device: torch.device, split: str, inputs: Any, mask_ratio: float | None,
                out: Path | None, notes: list[str]) -> dict[str, Any]:
     """A frame-pair checkpoint's figure: the frame seen whole | the other masked | reconstruction | + visible, on pairs
     of the store's shown split formed as its method forms them (`method.shown`)."""
-    name = read_metadata(path).get("method", "siammae") if path.suffix == ".safetensors" else "siammae"
+    name = model.method
     if inputs:
         raise ConfigError(f"{path}: a frame-pair ({name}) checkpoint is shown on pairs of store frames; run visualize without inputs or --video")
     method = method_of(cfg, name)

@@ -224,12 +224,12 @@ def test_collapse_is_named_and_simclr_may_have_its_own_learning_rate():
 
     from maecli.config import MaecliConfig
     from maecli.methods.simclr import collapse_note
-    from maecli.train import lr_of
+    from maecli.methods import method_of
 
     note = collapse_note(4.89448, 64)  # measured: a run that collapsed at lr 1.5e-3, its last step's loss
     assert note.startswith("the SimCLR loss ended at 4.8945, chance level (ln(2 x 64 - 1) = 4.8442)") and "[simclr] blr" in note
     assert collapse_note(4.5, 64) is None and collapse_note(math.log(63) - 0.1, 32) is None
     cfg = MaecliConfig.model_validate({"pretrain": {"method": "simclr", "lr": 1e-3}, "simclr": {"blr": 1.5e-4}})
-    assert lr_of(cfg, 512) == pytest.approx(3e-4)  # [simclr] blr, scaled by the batch
-    assert lr_of(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"method": "mae"})}), 512) == 1e-3  # MAE keeps [pretrain]'s
-    assert lr_of(MaecliConfig.model_validate({"pretrain": {"method": "simclr", "lr": 1e-3}}), 512) == 1e-3  # unset: [pretrain]'s
+    assert method_of(cfg).lr(512) == pytest.approx(3e-4)  # [simclr] blr, scaled by the batch
+    assert method_of(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"method": "mae"})})).lr(512) == 1e-3  # MAE keeps [pretrain]'s
+    assert method_of(MaecliConfig.model_validate({"pretrain": {"method": "simclr", "lr": 1e-3}})).lr(512) == 1e-3  # unset: [pretrain]'s

@@ -16,6 +16,7 @@ import torch
 from maecli.config import MaecliConfig
 from maecli.data import Samples, augment, center_crop, crop_boxes
 from maecli.inputs import evenly
+from maecli.methods.mae import PretrainRecipe
 from maecli.methods.siammae import SiameseMAE, pair_flops
 from maecli.store import FrameStore
 
@@ -28,11 +29,13 @@ def local_in_global(theta: np.ndarray, inner: np.ndarray) -> np.ndarray:
     return np.concatenate([A @ inner[:, :, :2], A @ inner[:, :, 2:] + t], axis=2).astype(np.float32)
 
 
-class CropMAE:
-    name = "cropmae"
+class CropMAE(PretrainRecipe):
+    name, kind, label, loss_name = "cropmae", "frame-pair", "cropmae (2 crops)", "MSE on the local crop's masked patches"
+    model_class, mae_decoder, head, key_marker = SiameseMAE, False, "cross-attending decoder", ""  # its checkpoints always record it
+    reconstructs, not_hf = "pairs", "its decoder attends to a second frame, which Hugging Face's ViTMAE has no place for"
 
     def __init__(self, cfg: MaecliConfig) -> None:
-        self.arch, self.img_size, self.num_patches = cfg.model.mae_kwargs, cfg.model.img_size, cfg.model.num_patches
+        self.cfg, self.arch, self.img_size, self.num_patches = cfg, cfg.model.mae_kwargs, cfg.model.img_size, cfg.model.num_patches
         self.crop_scale, self.hflip = cfg.pretrain.crop_scale, cfg.pretrain.hflip
         self.local_scale, self.mask_ratio = cfg.cropmae.local_scale, cfg.cropmae.mask_ratio
 

@@ -35,11 +35,24 @@ def analytic_flops(arch: dict[str, Any], mask_ratio: float, mask_tokens_in_encod
     return 3 * forward - patch_embed
 
 
-class MAE:
-    name = "mae"
+class PretrainRecipe:
+    """What a method without its own rule uses: [pretrain]'s peak learning rate (lr, else blr x effective batch / 256)
+    and no notes after a run. Needs `self.cfg`."""
+
+    def lr(self, batch: int) -> float:
+        return self.cfg.pretrain.lr or self.cfg.pretrain.blr * batch / 256
+
+    def after_run(self, loss: float, global_batch: int) -> list[str]:
+        return []
+
+
+class MAE(PretrainRecipe):
+    name, kind, label, loss_name = "mae", "masked autoencoding", "mae", "MSE on masked patches"
+    model_class, mae_decoder, head, key_marker = MaskedAutoencoder, True, "decoder", ""
+    reconstructs, not_hf = "frames", ""
 
     def __init__(self, cfg: MaecliConfig) -> None:
-        self.arch, self.mask_ratio, self.img_size = cfg.model.mae_kwargs, cfg.model.mask_ratio, cfg.model.img_size
+        self.cfg, self.arch, self.mask_ratio, self.img_size = cfg, cfg.model.mae_kwargs, cfg.model.mask_ratio, cfg.model.img_size
         self.num_patches, self.crop_scale, self.hflip = cfg.model.num_patches, cfg.pretrain.crop_scale, cfg.pretrain.hflip
 
     def samples(self, store: FrameStore) -> tuple[Samples, list[str]]:

@@ -27,7 +27,7 @@ from maecli.config import MaecliConfig
 from maecli.data import Samples, augment, crop_boxes, store_input
 from maecli.errors import ConfigError
 from maecli.inputs import evenly
-from maecli.methods.mae import blocks_flops
+from maecli.methods.mae import blocks_flops, PretrainRecipe
 from maecli.model import MaskedAutoencoder, to_2tuple
 from maecli.store import FrameStore
 
@@ -149,11 +149,13 @@ def frame_pairs(store: FrameStore, gap: tuple[float, float]) -> tuple[Samples, l
 # --- the method -----------------------------------------------------------------------------------
 
 
-class SiamMAE:
-    name = "siammae"
+class SiamMAE(PretrainRecipe):
+    name, kind, label, loss_name = "siammae", "frame-pair", "siammae (frame pair)", "MSE on the later frame's masked patches"
+    model_class, mae_decoder, head, key_marker = SiameseMAE, False, "cross-attending decoder", ".cross_attn."
+    reconstructs, not_hf = "pairs", "its decoder attends to a second frame, which Hugging Face's ViTMAE has no place for"
 
     def __init__(self, cfg: MaecliConfig) -> None:
-        self.arch, self.img_size, self.num_patches = cfg.model.mae_kwargs, cfg.model.img_size, cfg.model.num_patches
+        self.cfg, self.arch, self.img_size, self.num_patches = cfg, cfg.model.mae_kwargs, cfg.model.img_size, cfg.model.num_patches
         self.crop_scale, self.hflip = cfg.pretrain.crop_scale, cfg.pretrain.hflip
         self.gap, self.mask_ratio = cfg.siammae.gap, cfg.siammae.mask_ratio
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from maecli.config import MaecliConfig, SimclrConfig
 from maecli.data import Samples, constant, crop_boxes, normalize, resized_crop
-from maecli.methods.mae import blocks_flops
+from maecli.methods.mae import blocks_flops, PretrainRecipe
 from maecli.model import MaskedAutoencoder, to_2tuple
 from maecli.store import FrameStore
 
@@ -193,11 +193,13 @@ def contrastive_flops(arch: dict[str, Any], hidden: int, out: int) -> float:
     return 2 * (3 * forward - patch_embed)
 
 
-class Contrastive:
-    name = "simclr"
+class Contrastive(PretrainRecipe):
+    name, kind, label, loss_name = "simclr", "contrastive", "contrastive (2 views)", "NT-Xent"
+    model_class, mae_decoder, head, key_marker = SimCLR, False, "projection head", "projector."
+    reconstructs, not_hf = "", "an encoder without an MAE decoder"  # nothing to reconstruct
 
     def __init__(self, cfg: MaecliConfig) -> None:
-        self.arch, self.img_size, self.sc = cfg.model.mae_kwargs, cfg.model.img_size, cfg.simclr
+        self.cfg, self.arch, self.img_size, self.sc = cfg, cfg.model.mae_kwargs, cfg.model.img_size, cfg.simclr
 
     def samples(self, store: FrameStore) -> tuple[Samples, list[str]]:
         return Samples.stills(len(store)), []
@@ -216,3 +218,11 @@ class Contrastive:
 
     def flops_per_image(self) -> float:
         return contrastive_flops(self.arch, self.sc.proj_hidden, self.sc.proj_dim)
+
+    def lr(self, batch: int) -> float:
+        """[simclr] blr when set (contrastive ViTs often need a lower one), else [pretrain]'s rule."""
+        return self.sc.blr * batch / 256 if self.sc.blr else super().lr(batch)
+
+    def after_run(self, loss: float, global_batch: int) -> list[str]:
+        note = collapse_note(loss, global_batch)
+        return [note] if note else []
