@@ -27,7 +27,8 @@ import torch
 from rich.console import Console
 
 from maecli.bench import interleaved, train_step_fn
-from maecli.checkpoint import checkpoint_files, load_model
+from maecli.checkpoint import checkpoint_files
+from maecli.weights import load_model
 from maecli.config import MaecliConfig
 from maecli.data import Plan
 from maecli.device import compile_mode, pick_device

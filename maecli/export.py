@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
-from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint, save_hf
+from maecli.checkpoint import resolve_checkpoint
+
+from maecli.weights import canonical_arch, load_model, save_hf
 from maecli.config import MaecliConfig
 from maecli.device import autocast_for
 from maecli.errors import ConfigError

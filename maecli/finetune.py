@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 
 from maecli import __version__
 from maecli.board import Board
-from maecli.checkpoint import canonical_arch, resume_checkpoint, save_checkpoint
+from maecli.checkpoint import resume_checkpoint, save_checkpoint
+from maecli.weights import canonical_arch
 from maecli.config import MaecliConfig
 from maecli.data import Plan, augment, crop_boxes, resized_crop_masks, to_input
 from maecli.dense import evaluate as evaluate_dense

@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from maecli.checkpoint import canonical_arch, load_model, resolve_checkpoint
+from maecli.checkpoint import resolve_checkpoint
+
+from maecli.weights import canonical_arch, load_model
 from maecli.config import MaecliConfig
 from maecli.data import denormalize
 from maecli.device import pick_device

@@ -21,7 +21,8 @@ from rich.console import Console
 from maecli import __version__
 from maecli.bench import device_peak
 from maecli.board import Board
-from maecli.checkpoint import HEADS, canonical_arch, check_same_arch, checkpoint_files, checkpoint_method, load_state, read_weights, resume_checkpoint, save_checkpoint
+from maecli.checkpoint import checkpoint_files, checkpoint_method, resume_checkpoint, save_checkpoint
+from maecli.weights import HEADS, canonical_arch, check_same_arch, load_state, read_weights
 from maecli.config import MaecliConfig, dump_toml
 from maecli.data import Loader, Plan
 from maecli.device import autocast_for, compile_mode, pick_device, precision

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from maecli.checkpoint import canonical_arch
+from maecli.weights import canonical_arch
 from maecli.config import PRESETS
 from maecli.model import MaskedAutoencoder
 

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from maecli.checkpoint import hf_to_mae, load_model, load_state, mae_to_hf, read_metadata, read_weights, save_hf, save_official, save_weights
+from maecli.weights import hf_to_mae, load_model, load_state, mae_to_hf, read_metadata, read_weights, save_hf, save_official, save_weights
 from maecli.errors import CheckpointError, ConfigError
 from tests.conftest import TINY
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from maecli.checkpoint import load_model, read_weights
+from maecli.weights import load_model, read_weights
 from maecli.cli import app
 from maecli.data import augment, center_crop
 from maecli.vit import encoder_state_dict, load_snippet, timm_spec
@@ -129,7 +129,7 @@ def test_image_folder_features_carry_labels_and_resume_after_a_kill(runner, trai
 
 
 def test_export_of_an_official_checkpoint_needs_the_model_section(runner, trained, tmp_path):
-    from maecli.checkpoint import save_official
+    from maecli.weights import save_official
 
     save_official(tmp_path / "mae.pth", read_weights(trained / LATEST)[0])
     summary = export(runner, trained / "maecli.toml", "encoder", "--checkpoint", tmp_path / "mae.pth", "--out", tmp_path)

@@ -17,7 +17,7 @@ def lifecycle(runner, tmp_path, store, name):
     import torch
     from safetensors.torch import load_file
 
-    from maecli.checkpoint import HEADS, load_model
+    from maecli.weights import HEADS, load_model
     from maecli.config import load_config
     from maecli.methods import method_of
 

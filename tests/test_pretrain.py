@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from maecli.bench import OperatorCount
-from maecli.checkpoint import read_weights, save_hf, save_official
+from maecli.weights import read_weights, save_hf, save_official
 from maecli.cli import app
 from maecli.loop import CompileWatch, compiled_graphs, get_lr, param_groups, projection
 from maecli.model import MaskedAutoencoder
@@ -324,7 +324,7 @@ def test_init_from_each_format(runner, tmp_path, store, fmt):
     sd = source.state_dict()
     arch = {**TINY, "norm_pix_loss": False}
     if fmt == "maecli":
-        from maecli.checkpoint import save_weights
+        from maecli.weights import save_weights
 
         path = tmp_path / "init.safetensors"
         save_weights(path, sd, arch)
@@ -347,7 +347,7 @@ def test_init_from_each_format(runner, tmp_path, store, fmt):
 
 
 def test_init_from_another_shape_is_refused(runner, tmp_path, store):
-    from maecli.checkpoint import save_weights
+    from maecli.weights import save_weights
 
     save_weights(tmp_path / "big.safetensors", MaskedAutoencoder(**{**TINY, "embed_dim": 64}).state_dict(), {**TINY, "embed_dim": 64, "norm_pix_loss": False})
     result, _ = pretrain(runner, project(tmp_path, store, init_from="big.safetensors"))
@@ -382,14 +382,14 @@ def test_checkpoint_gives_the_same_outputs_in_a_fresh_process(runner, tmp_path, 
     assert pretrain(runner, project(tmp_path, store, steps=3, checkpoint_every=3))[0].exit_code == 0
     path = tmp_path / "runs" / "pretrain" / "checkpoints" / "step-00000003.safetensors"
     code = (
-        "import sys, torch; from maecli.checkpoint import load_model\n"
+        "import sys, torch; from maecli.weights import load_model\n"
         "model, _ = load_model(sys.argv[1]); g = torch.Generator().manual_seed(0)\n"
         "x, noise = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 16, generator=g)\n"
         "loss, pred, mask = model(x, noise=noise); torch.save({'loss': loss, 'pred': pred}, sys.argv[2])\n"
     )
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out.pt")], check=True)
     theirs = torch.load(tmp_path / "out.pt", weights_only=True)
-    from maecli.checkpoint import load_model
+    from maecli.weights import load_model
 
     model, _ = load_model(path)
     g = torch.Generator().manual_seed(0)

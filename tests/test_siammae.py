@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from maecli.checkpoint import read_metadata, read_weights
+from maecli.weights import read_metadata, read_weights
 from maecli.cli import app
 from maecli.data import Plan, Samples, crop_boxes, step_frames
 from maecli.methods.cropmae import local_in_global

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from maecli.checkpoint import read_metadata, read_weights
+from maecli.weights import read_metadata, read_weights
 from maecli.cli import app
 from maecli.config import SimclrConfig
 from maecli.data import augment, crop_boxes
