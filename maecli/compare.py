@@ -28,19 +28,19 @@ from rich.console import Console
 
 from maecli.bench import interleaved, train_step_fn
 from maecli.checkpoint import checkpoint_files
-from maecli.weights import load_model
 from maecli.config import MaecliConfig
 from maecli.data import Plan
+from maecli.dense import probe_dense
 from maecli.device import compile_mode, pick_device
 from maecli.errors import ConfigError
 from maecli.figures import plot_compare
 from maecli.files import owned, read_json, write_json
-from maecli.dense import probe_dense
 from maecli.inference import random_encoder
 from maecli.labeled import input_size, load_labeled
 from maecli.methods import method_of
 from maecli.probe import probe_encoder
 from maecli.store import FrameStore
+from maecli.weights import load_model
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 EIGHTHS = 8  # steps are a multiple of this, so every fraction is a checkpoint

@@ -16,8 +16,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 
 from maecli.checkpoint import resolve_checkpoint
-
-from maecli.weights import canonical_arch, load_model, save_hf
 from maecli.config import MaecliConfig
 from maecli.device import autocast_for
 from maecli.errors import ConfigError
@@ -26,6 +24,7 @@ from maecli.inference import load_for_inference, pool_features
 from maecli.inputs import Inputs
 from maecli.methods import METHODS, listed, method_class
 from maecli.vit import encoder_state_dict, load_snippet, timm_spec
+from maecli.weights import canonical_arch, load_model, save_hf
 
 def export_encoder(cfg: MaecliConfig, *, checkpoint: str | None, fmt: str, out: str | None) -> dict[str, Any]:
     notes: list[str] = []

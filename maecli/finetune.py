@@ -37,7 +37,6 @@ from safetensors.torch import save_file
 from maecli import __version__
 from maecli.board import Board
 from maecli.checkpoint import resume_checkpoint, save_checkpoint
-from maecli.weights import canonical_arch
 from maecli.config import MaecliConfig
 from maecli.data import Plan, augment, crop_boxes, resized_crop_masks, to_input
 from maecli.dense import evaluate as evaluate_dense
@@ -53,6 +52,7 @@ from maecli.methods.mae import blocks_flops
 from maecli.model import MaskedAutoencoder
 from maecli.segmentation import seg_scores
 from maecli.vit import classifier, dense_logits, load_snippet, segmenter, timm_spec
+from maecli.weights import canonical_arch
 
 BASELINES = ("random",)
 STOP_EVERY = 10  # under torchrun, the ranks agree on a Ctrl-C or SIGTERM every this many steps (a small all-reduce)

@@ -13,12 +13,11 @@ import numpy as np
 import torch
 
 from maecli.checkpoint import resolve_checkpoint
-
-from maecli.weights import canonical_arch, load_model
 from maecli.config import MaecliConfig
 from maecli.data import denormalize
 from maecli.device import pick_device
 from maecli.model import MaskedAutoencoder
+from maecli.weights import canonical_arch, load_model
 
 STATS_LABELS = {"visible": "patch statistics: visible patches only", "target": "patch statistics: true target (leaks information)"}
 

@@ -22,7 +22,6 @@ from maecli import __version__
 from maecli.bench import device_peak
 from maecli.board import Board
 from maecli.checkpoint import checkpoint_files, checkpoint_method, resume_checkpoint, save_checkpoint
-from maecli.weights import HEADS, canonical_arch, check_same_arch, load_state, read_weights
 from maecli.config import MaecliConfig, dump_toml
 from maecli.data import Loader, Plan
 from maecli.device import autocast_for, compile_mode, pick_device, precision
@@ -35,6 +34,7 @@ from maecli.loop import PROJECT_STEPS, CompileWatch, compile_scope, distributed,
 from maecli.methods import method_of
 from maecli.model import MaskedAutoencoder
 from maecli.store import FrameStore
+from maecli.weights import HEADS, canonical_arch, check_same_arch, load_state, read_weights
 
 
 @dataclass(frozen=True)

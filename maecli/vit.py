@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from maecli.weights import canonical_arch
 from maecli.config import PRESETS
 from maecli.model import MaskedAutoencoder
+from maecli.weights import canonical_arch
 
 TIMM_SIZES = {(s["embed_dim"], s["depth"], s["num_heads"]): name.removeprefix("vit_") for name, s in PRESETS.items()}  # timm's names
 

@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from maecli.weights import hf_to_mae, load_model, load_state, mae_to_hf, read_metadata, read_weights, save_hf, save_official, save_weights
 from maecli.errors import CheckpointError, ConfigError
+from maecli.weights import hf_to_mae, load_model, load_state, mae_to_hf, read_metadata, read_weights, save_hf, save_official, save_weights
 from tests.conftest import TINY
 
 ARCH = {**TINY, "norm_pix_loss": False}

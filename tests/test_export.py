@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from maecli.weights import load_model, read_weights
 from maecli.cli import app
 from maecli.data import augment, center_crop
-from maecli.vit import encoder_state_dict, load_snippet, timm_spec
 from maecli.model import MaskedAutoencoder
 from maecli.store import FrameStore
+from maecli.vit import encoder_state_dict, load_snippet, timm_spec
+from maecli.weights import load_model, read_weights
 from tests.conftest import write_project
 from tests.videos import frame_image
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.models.vision_transformer import VisionTransformer
 
-from maecli.weights import mae_to_hf, save_hf
 from maecli.model import MaskedAutoencoder, sincos_pos_embed
+from maecli.weights import mae_to_hf, save_hf
 
 
 def hf_model(folder, mask_ratio):

@@ -16,10 +16,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from maecli.bench import OperatorCount
-from maecli.weights import read_weights, save_hf, save_official
 from maecli.cli import app
 from maecli.loop import CompileWatch, compiled_graphs, get_lr, param_groups, projection
 from maecli.model import MaskedAutoencoder
+from maecli.weights import read_weights, save_hf, save_official
 from tests.conftest import TINY, write_project
 
 def project(folder: Path, store: Path, **pretrain) -> Path:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from maecli.weights import read_metadata, read_weights
 from maecli.cli import app
 from maecli.data import Plan, Samples, crop_boxes, step_frames
 from maecli.methods.cropmae import local_in_global
 from maecli.methods.siammae import SiameseMAE, frame_pairs, pair_ranges
 from maecli.store import FrameStore
+from maecli.weights import read_metadata, read_weights
 from tests.conftest import TINY, write_project
 from tests.videos import frame_image, write_video
 
