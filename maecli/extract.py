@@ -143,7 +143,10 @@ def _safe_extract(job: Job, where: Location, cfg: ExtractConfig, threads: int, r
             clear_video(root, job.fp)
             return {"failure": str(err)}
         except BaseException:
-            clear_video(root, job.fp)
+            # a signal can land after the record was written (before this function returns): the video is complete
+            # then, and deleting its shards would leave a record of missing files
+            if where.read_text(f"videos/{job.fp}.json") is None:
+                clear_video(root, job.fp)
             raise
         finally:
             lock.unlink(missing_ok=True)  # while still held: a run that opens it later finds the record, or redoes the video

@@ -217,6 +217,23 @@ def test_interrupted_run_resumes_to_the_same_store(runner, tmp_path, long_clips,
     assert state == store_state(tmp_path / "ref" / "frames")
 
 
+def test_ctrl_c_just_after_a_record_keeps_that_video_whole(runner, tmp_path, clips, monkeypatch):
+    """The race the signal test above hits now and then: Ctrl-C landing after a video's record was written, before
+    the worker returned, deleted the video's shards and left its record (a store that no longer opens)."""
+    from maecli.location import Location
+
+    def ctrl_c(self, rels):  # `publish` runs right after the record is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Location, "publish", ctrl_c)
+    config = project(tmp_path)
+    result = runner.invoke(app, ["extract", "-c", str(config), str(clips / "many" / "clip0.mp4"), str(clips / "many" / "clip1.mp4")])
+    assert result.exit_code == 130 and result.stderr.endswith("run the same command again to resume\n"), result.stderr
+    store = FrameStore(tmp_path / "frames")
+    assert len(store.videos) == 1 and len(store) == len(store.videos[0]["timestamps"]) > 0
+    assert store.get_batch(np.arange(len(store))).shape == (len(store), 32, 32, 3)
+
+
 def test_bad_files_are_reported_and_the_rest_extracts(runner, tmp_path, clips):
     bad = tmp_path / "in"
     bad.mkdir()
