@@ -3,7 +3,7 @@
 
 Each method of [compare] (MAE and SimCLR by default) is pretrained on the project's store with [pretrain]'s recipe
 for the steps one budget buys it, and probed with the frozen encoder ([probe]'s protocol: linear + k-NN top-1 on a
-classification set, the dense probe's mIoU on a segmentation set) at 1/8, 1/4, 1/2 and all of the budget:
+classification set, the dense probe's mIoU on a segmentation set: `maecli.tasks`) at 1/8, 1/4, 1/2 and all of the budget:
 quality-versus-compute curves rather than one point. A random-init encoder and the raw pixels (and, for segmentation,
 the majority class) are the floors; with `finetune_epochs`, each method's final encoder (and a random-init one) is
 fine-tuned too.
@@ -30,16 +30,14 @@ from maecli.bench import interleaved, train_step_fn
 from maecli.checkpoint import checkpoint_files
 from maecli.config import MaecliConfig
 from maecli.data import Plan
-from maecli.dense import probe_dense
 from maecli.device import compile_mode, pick_device
 from maecli.errors import ConfigError
 from maecli.figures import plot_compare
 from maecli.files import owned, read_json, write_json
 from maecli.inference import random_encoder
-from maecli.labeled import input_size, load_labeled
 from maecli.methods import method_of
-from maecli.probe import probe_encoder
 from maecli.store import FrameStore
+from maecli.tasks import input_size, load_labeled
 from maecli.weights import load_model
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
@@ -64,10 +62,10 @@ def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | 
         device = pick_device(cfg.project.device)
         plan = load_plan(cfg, folder, device)
         arch = cfg.model.mae_kwargs
-        floors = {name: cached(folder / f"probe-{name.replace(' ', '-')}.json", probe_encoder, encoder, arch, data, cfg, device)
+        task = data.task
+        floors = {name: cached(folder / f"probe-{name.replace(' ', '-')}.json", task.probe_one, encoder, arch, data, cfg, device)
                   for name, encoder in (("random init", random_encoder(arch, cfg.project.seed)), ("raw pixels", None))}
-        if data.dense:  # no encoder at all: the most frequent class everywhere
-            floors["majority class"] = probe_dense(None, data, cfg, device)[0]
+        floors.update(task.floors(data, cfg, device))
         configs = {name: method_config(cfg, name, plan["methods"][name]["steps"]) for name in cc.methods}
         methods = {}
         for name, m_cfg in configs.items():
@@ -82,9 +80,9 @@ def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | 
                 step = round(fraction * summary["steps"])
                 weights = checkpoint_files(m_cfg.run_dir / "checkpoints", step)[0]
                 encoder, enc_arch = load_model(weights, encoder_only_ok=True)
-                probe = cached(folder / name / f"compare-probe-{step:08d}.json", probe_encoder, encoder, enc_arch, data, cfg, device)
+                probe = cached(folder / name / f"compare-probe-{step:08d}.json", task.probe_one, encoder, enc_arch, data, cfg, device)
                 points.append(dict(fraction=fraction, step=step, flops=step * plan["methods"][name]["flops_per_step"], checkpoint=str(weights),
-                                   **frozen_scores(probe, data.dense)))
+                                   **task.frozen_scores(probe)))
             methods[name] = dict(plan["methods"][name], images_seen=summary["steps"] * plan["batch"], flops=points[-1]["flops"],
                                  train_seconds=round(progress["train_seconds"], 1), run_dir=str(m_cfg.run_dir), points=points)
         if cc.finetune_epochs:
@@ -92,24 +90,18 @@ def run_compare(cfg: MaecliConfig, *, restart: bool = False, console: Console | 
                 m_cfg = configs[name].model_copy(update=dict(finetune=cfg.finetune.model_copy(update=dict(epochs=cc.finetune_epochs))))
                 tuned = run_finetune(m_cfg, checkpoint=methods[name]["points"][-1]["checkpoint"], baselines=("random",) if i == 0 else (),
                                      console=console)
-                score = "miou" if data.dense else "top1"
-                methods[name]["finetuned"] = tuned["results"]["pretrained"][score]
+                methods[name]["finetuned"] = tuned["results"]["pretrained"][task.score]
                 if i == 0:
-                    floors["random init"]["finetuned"] = tuned["results"]["random init"][score]
-        report = dict(budget=plan["budget"], batch=plan["batch"], device=plan["device"], task="segmentation" if data.dense else "classification",
+                    floors["random init"]["finetuned"] = tuned["results"]["random init"][task.score]
+        report = dict(budget=plan["budget"], batch=plan["batch"], device=plan["device"], task=task.name,
                       classes=len(data.classes), train_images=len(data.train_x), val_images=len(data.val_x), methods=methods,
-                      floors={name: dict(**frozen_scores(f, data.dense), finetuned=f.get("finetuned")) for name, f in floors.items()},
+                      floors={name: dict(**task.frozen_scores(f), finetuned=f.get("finetuned")) for name, f in floors.items()},
                       finetune_epochs=cc.finetune_epochs,
                       step_times_measured=plan["step_times_measured"], notes=notes, report=str(folder / "compare.json"),
                       plot=str(folder / "compare.png"))  # fmt: skip
         plot_compare(report, folder / "compare.png", cfg.project.name)
         write_json(folder / "compare.json", report)
     return report
-
-
-def frozen_scores(probe: dict[str, Any], dense: bool) -> dict[str, float]:
-    """The numbers a compare table shows of a frozen-encoder probe: linear and k-NN top-1, or mIoU."""
-    return {"miou": probe["miou"]} if dense else {"linear": probe["linear"]["top1"], "knn": probe["knn"]["top1"]}
 
 
 def method_config(cfg: MaecliConfig, name: str, steps: int) -> MaecliConfig:

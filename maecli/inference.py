@@ -14,8 +14,8 @@ import torch
 
 from maecli.checkpoint import resolve_checkpoint
 from maecli.config import MaecliConfig
-from maecli.data import denormalize
-from maecli.device import pick_device
+from maecli.data import denormalize, to_input
+from maecli.device import autocast_for, pick_device
 from maecli.model import MaskedAutoencoder
 from maecli.weights import canonical_arch, load_model
 
@@ -46,6 +46,18 @@ def pool_features(tokens: torch.Tensor, pool: str) -> torch.Tensor:
     if pool == "mean":
         return tokens[:, 1:].mean(dim=1)
     return tokens[:, 1:]
+
+
+@torch.no_grad()
+def cached(features: Any, images: torch.Tensor, device: torch.device, batch: int = 32) -> torch.Tensor:
+    """`features` (normalized images (B, 3, h, w) -> a tensor per image) of uint8 images (N, h, w, 3), computed once in
+    batches, float32 on `device`: what a frozen-encoder probe trains on."""
+    autocast = autocast_for(device)
+    out = []
+    for chunk in images.split(batch):
+        with autocast:
+            out.append(features(to_input(chunk.to(device))).float())
+    return torch.cat(out)
 
 
 def fixed_noise(seed: int, n: int, num_patches: int, device: torch.device) -> torch.Tensor:

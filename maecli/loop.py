@@ -1,6 +1,6 @@
 """What every training loop here shares (`pretrain` and `finetune`): the process group, compiling the model and saying
 what that costs, the learning-rate schedule, AdamW's weight-decay rule, stopping on Ctrl-C or SIGTERM, the progress bar
-and peak memory. Each command owns its own loop."""
+and peak memory, and `Steps`, the machinery around a loop's steps. Each command keeps only its step body and its records."""
 
 import math
 import os
@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -260,3 +261,96 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """This step's learning rate, scaled by each group's `lr_scale` where it has one (layer-wise decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+
+
+class Steps:
+    """The machinery around a training loop's steps, once for `pretrain` and `finetune`: the progress bar (off a terminal,
+    a plain line per logged step instead), what the compile costs (`CompileWatch`), the duration projected from the
+    first steps, and Ctrl-C / SIGTERM (`stop_on_signals`): the loop finishes its step, writes a checkpoint and ends with
+    one line, every rank at the same step under torchrun. A loop reads:
+
+        with Steps("pretrain", ...) as steps:
+            for step in range(start, total):
+                ...                                  # the step body: forward, backward, optimizer step
+                stopping = steps.stopping(done)      # a signal came (agreed by the ranks every `stop_every` steps)
+                if steps.ran(done):                  # True on the first steps: show the loss, then `timed`
+                    ...
+                ...                                  # log (`logged`), checkpoint when due or `stopping`
+                steps.end(done, checkpointed, path)  # raises Interrupted after a stop
+    """
+
+    def __init__(self, label: str, *, start: int, total: int, steps_per_epoch: int, batch: int, console: Console | None, device: torch.device,
+                 rank: int, world: int, stop_every: int, grace: float, mode: str | None, scope: str | None) -> None:
+        self.label, self.start, self.total, self.steps_per_epoch, self.batch = label, start, total, steps_per_epoch, batch
+        self.console, self.device, self.rank, self.world = console, device, rank, world
+        self.plain = console is not None and not console.is_terminal  # nohup, Slurm, `2> log`: plain lines instead of the bar
+        self.t_run, self.t_first, self.asked = time.perf_counter(), 0.0, False
+        self.watch = CompileWatch(label, mode, scope, device, self.say)
+        self._signals, self.progress = stop_on_signals(world, stop_every, device, grace), progress_bar(console, label)
+
+    def __enter__(self) -> "Steps":
+        self._stack = ExitStack()
+        self.stop = self._stack.enter_context(self._signals)
+        self._stack.enter_context(self.progress)
+        self.task = self.progress.add_task(self.label, total=self.total, completed=self.start, epoch=self.start // self.steps_per_epoch,
+                                           loss="-", lr="-", ips="-")
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return self._stack.__exit__(*exc)
+
+    def say(self, line: str) -> None:
+        if self.console is not None:
+            self.console.print(line, markup=False, soft_wrap=True)
+
+    def stopping(self, done: int) -> bool:
+        """Stop after step `done`? (A collective under torchrun, every `stop_every` steps: every rank calls it.)"""
+        self.asked = self.stop.now(done)
+        return self.asked
+
+    def ran(self, done: int) -> bool:
+        """Step `done` has run: a signal now stops at a checkpoint. True on the first steps, which `timed` times."""
+        self.stop.started = True
+        return done - self.start in (1, 1 + PROJECT_STEPS)
+
+    def timed(self, done: int) -> None:
+        """After the first step, what its compile took; PROJECT_STEPS later, the run's projected duration."""
+        now = time.perf_counter()
+        if done - self.start == 1:
+            self.t_first = now
+            self.watch.first_step(now - self.t_run)
+            return
+        self.watch.steady()
+        if self.console is not None and done < self.total:
+            step_seconds = (now - self.t_first) / PROJECT_STEPS
+            self.progress.update(self.task, ips=f"{self.batch / step_seconds:.1f}")
+            self.say(projection(self.label, self.total - done, step_seconds, now - self.t_run, self.device))
+
+    def show(self, loss: float, lr: float) -> None:
+        self.progress.update(self.task, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    def logged(self, done: int, loss: float, lr: float, ips: float, wait: float | None) -> None:
+        """A logged step: the bar's fields, off a terminal one plain line; a recompile since the first steps, said once."""
+        self.watch.check(done)
+        self.progress.update(self.task, epoch=done // self.steps_per_epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.1f}")
+        if self.plain:
+            elapsed = time.perf_counter() - self.t_run
+            self.say(log_line(self.label, done, self.total, done / self.steps_per_epoch, loss, lr, ips, wait, elapsed,
+                              (self.total - done) * elapsed / (done - self.start)))
+
+    def end(self, done: int, checkpointed: bool, last_ckpt: Path | None) -> None:
+        """The step's end. After a stop (asked during the step, or during its checkpoint, which is written already) the
+        ranks meet, so that rank 0's checkpoint is written before any rank ends (torchrun stops the rest when one
+        ends), and the run ends with one line."""
+        self.progress.update(self.task, completed=done)
+        if self.asked or (checkpointed and self.stopping(done)):
+            if self.world > 1:
+                dist.barrier()
+            raise Interrupted(f"interrupted ({self.stop.name}): checkpoint written at step {done} ({last_ckpt if self.rank == 0 else 'by rank 0'}); "
+                              "run the same command again to resume", signum=self.stop.signum)

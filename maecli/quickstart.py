@@ -21,6 +21,7 @@ from maecli.files import write_text
 from maecli.finetune import run_finetune
 from maecli.probe import run_probe
 from maecli.synthetic import generate_clips, generate_labeled, generate_segmentation
+from maecli.tasks import task_of
 from maecli.train import pretrain
 from maecli.visualize import run_visualize
 
@@ -124,27 +125,7 @@ def quickstart(folder: Path, *, overrides: list[str], clips: int = 16, per_class
     say("[bold]8/8 segmentation[/]: the same encoder judged per pixel (road, lane marking, car, pole, ...), frozen and fine-tuned")
     seg_probed = run_probe(seg_cfg, baselines=("random", "pixels"))
     seg_tuned = run_finetune(seg_cfg, baselines=("random",), console=console)
-    table = results_table(probed, tuned) + "\n" + segmentation_table(seg_probed, seg_tuned)
+    table = task_of(cfg).table(probed, tuned) + "\n" + task_of(seg_cfg).table(seg_probed, seg_tuned)
     write_text(folder / "results.md", table)
     return dict(folder=str(folder), config=str(folder / CONFIG_NAME), store=extracted, pretrain=trained, visualize=shown, export=exported, probe=probed,
                 finetune=tuned, segmentation=dict(probe=seg_probed, finetune=seg_tuned), table=table, results=str(folder / "results.md"))
-
-
-def results_table(probed: dict[str, Any], tuned: dict[str, Any]) -> str:
-    """The quickstart's accuracies as a Markdown table: one row per encoder (and the pixels), one column per evaluation."""
-    header = f"| encoder | linear probe top-1 | k-NN (k={probed['k']}) top-1 | fine-tuned top-1 ({tuned['recipe']['epochs']} epochs) |"
-    lines = [header, "|---|---:|---:|---:|"]
-    for name, r in probed["results"].items():
-        tuned_top1 = f"{100 * tuned['results'][name]['top1']:.1f}%" if name in tuned["results"] else "-"
-        lines.append(f"| {name} | {100 * r['linear']['top1']:.1f}% | {100 * r['knn']['top1']:.1f}% | {tuned_top1} |")
-    return "\n".join(lines) + "\n"
-
-
-def segmentation_table(probed: dict[str, Any], tuned: dict[str, Any]) -> str:
-    """The segmentation results as a Markdown table: mIoU of the frozen-encoder probe and after fine-tuning."""
-    lines = [f"| encoder (segmentation, {len(probed['classes'])} classes) | frozen probe mIoU | pixel accuracy | "
-             f"fine-tuned mIoU ({tuned['recipe']['epochs']} epochs) |", "|---|---:|---:|---:|"]
-    for name, r in probed["results"].items():
-        tuned_miou = f"{100 * tuned['results'][name]['miou']:.1f}%" if name in tuned["results"] else "-"
-        lines.append(f"| {name} | {100 * r['miou']:.1f}% | {100 * r['pixel_acc']:.1f}% | {tuned_miou} |")
-    return "\n".join(lines) + "\n"

@@ -25,12 +25,12 @@ from maecli.checkpoint import checkpoint_files, checkpoint_method, resume_checkp
 from maecli.config import MaecliConfig, dump_toml
 from maecli.data import Loader, Plan
 from maecli.device import autocast_for, compile_mode, pick_device, precision
-from maecli.errors import ConfigError, Interrupted, NonFiniteLoss
+from maecli.errors import ConfigError, NonFiniteLoss
 from maecli.figures import plot_loss, save_reconstructions
 from maecli.files import append_line, keep_lines, owned, write_json, write_text
 from maecli.inference import fixed_noise
 from maecli.inputs import Inputs, shown_split
-from maecli.loop import PROJECT_STEPS, CompileWatch, compile_scope, distributed, eager, for_training, get_lr, log_line, param_groups, peak_memory_mib, progress_bar, projection, stop_on_signals
+from maecli.loop import Steps, compile_scope, distributed, eager, for_training, get_lr, param_groups, peak_memory_mib, set_lr
 from maecli.methods import method_of
 from maecli.model import MaskedAutoencoder
 from maecli.store import FrameStore
@@ -72,7 +72,7 @@ def pretrain(cfg: MaecliConfig, *, restart: bool = False, console: Console | Non
 
 
 def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, world: int, device: torch.device) -> dict[str, Any] | None:
-    pc, mc, is_main = cfg.pretrain, cfg.model, rank == 0
+    pc, is_main = cfg.pretrain, rank == 0
     store = FrameStore(cfg.extract.store, split="train")
     method = method_of(cfg)
     samples, sample_notes = method.samples(store)
@@ -86,92 +86,65 @@ def _run(cfg: MaecliConfig, restart: bool, console: Console | None, rank: int, w
     if world > 1:
         dist.barrier()
     start, notes = load_start(cfg, raw, optimizer, device)
-    notes += sample_notes
     mode = compile_mode(pc.compile, pc.compile_mode, device, method.flops_per_image() * pc.batch_size)
     model = for_training(raw, device, world, mode)
-    graphs = mode == "reduce-overhead"  # CUDA graphs: each forward starts a new replay
-    autocast = autocast_for(device)
     log = RunLog(cfg, start, raw, device, method) if is_main else None
     loader = Loader(store, samples, plan, start * pc.accum_iter, device, method.draw)
     first_bad = torch.tensor(-1, device=device)  # the first step whose loss was not finite, found without a host sync
-    last_ckpt, t_run, t_first = None, time.perf_counter(), 0.0
-    plain = console is not None and not console.is_terminal  # nohup, Slurm, `2> log`: plain lines instead of the bar
-    say = (lambda line: console.print(line, markup=False, soft_wrap=True)) if console is not None else (lambda line: None)
-    watch = CompileWatch("pretrain", mode, compile_scope(mode), device, say)
+    last_ckpt = None
+    steps = Steps("pretrain", start=start, total=sched.total, steps_per_epoch=sched.steps_per_epoch, batch=sched.batch, console=console, device=device,
+                  rank=rank, world=world, stop_every=pc.log_every, grace=cfg.project.stop_timeout, mode=mode, scope=compile_scope(mode))
     try:
-        with stop_on_signals(world, pc.log_every, device, cfg.project.stop_timeout) as stop, progress_bar(console, "pretrain") as progress:
-            task = progress.add_task("pretrain", total=sched.total, completed=start, epoch=start // sched.steps_per_epoch, loss="-", lr="-", ips="-")
+        with steps:
             for step in range(start, sched.total):
                 done = step + 1
                 lr = get_lr(step, total=sched.total, warmup=sched.warmup, lr=sched.lr, min_lr=pc.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                for micro in range(pc.accum_iter):
-                    frames, *draws = loader.next()  # uint8 (B, F, H, W, 3), the method's random draws
-                    inputs = method.inputs(frames, *draws)  # augmented on the device, in float32
-                    if graphs:
-                        torch.compiler.cudagraph_mark_step_begin()
-                    with (model.no_sync() if world > 1 and micro < pc.accum_iter - 1 else nullcontext()), autocast:
-                        loss = method.loss(model, *inputs)
-                    (loss / pc.accum_iter if pc.accum_iter > 1 else loss).backward()
-                    step_loss = loss.detach().float() if micro == 0 else step_loss + loss.detach().float()
-                stopping = stop.now(done)
+                set_lr(optimizer, lr)
+                step_loss = micro_steps(model, method, loader, pc.accum_iter, world, mode == "reduce-overhead", autocast_for(device))
+                stopping = steps.stopping(done)
                 at_ckpt = done % pc.checkpoint_every == 0 or done == sched.total or stopping
-                grad_norm = clip_grads(raw, pc.clip_grad, done % pc.log_every == 0 or at_ckpt)  # the norm of a step that logs it
+                logs = done % pc.log_every == 0 or at_ckpt
+                grad_norm = clip_grads(raw, pc.clip_grad, logs)  # the norm of a step that logs it
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if pc.accum_iter > 1:
-                    step_loss = step_loss / pc.accum_iter
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)  # step: a kernel argument, not a copy
-                stop.started = True  # a step has run: a signal now stops at a checkpoint
-                early = done - start in (1, 1 + PROJECT_STEPS)  # the first steps fill the bar and time the projection
-                if done % pc.log_every == 0 or at_ckpt or early:
+                early = steps.ran(done)  # the first steps fill the bar and time the projection
+                if logs or early:
                     loss_value = checked_loss(step_loss, first_bad, world, last_ckpt)  # every rank: a collective (and a host sync)
-                    now = time.perf_counter()
-                    if is_main and (done % pc.log_every == 0 or at_ckpt):
+                    if is_main and logs:
                         row = log.metrics(done, done / sched.steps_per_epoch, loss_value, lr, grad_norm.item(), sched.batch, loader.waited)
-                        progress.update(task, epoch=done // sched.steps_per_epoch, loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{row['images_per_s']:.1f}")
-                        if plain:
-                            console.print(log_line("pretrain", done, sched.total, done / sched.steps_per_epoch, row["loss"], lr, row["images_per_s"],
-                                                   row["data_wait"], now - t_run, (sched.total - done) * (now - t_run) / (done - start)), markup=False, soft_wrap=True)
+                        steps.logged(done, row["loss"], lr, row["images_per_s"], row["data_wait"])
                     elif is_main:
-                        progress.update(task, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                    if done - start == 1:
-                        t_first = now
-                        watch.first_step(now - t_run)
-                    elif early:
-                        watch.steady()
-                        if console is not None and done < sched.total:
-                            step_seconds = (now - t_first) / PROJECT_STEPS
-                            progress.update(task, ips=f"{sched.batch / step_seconds:.1f}")
-                            say(projection("pretrain", sched.total - done, step_seconds, now - t_run, device))
-                    else:
-                        watch.check(done)
+                        steps.show(loss_value, lr)
+                    if early:
+                        steps.timed(done)
                 if is_main and at_ckpt:
                     meta = {"method": method.name, "config": json.dumps(cfg.model_dump(mode="json")), "maecli": __version__, "torch": torch.__version__}
-                    last_ckpt = save_checkpoint(cfg.run_dir / "checkpoints", done, raw, optimizer, canonical_arch(mc.mae_kwargs), meta, pc.keep_last)
-                    with autocast, eager():
+                    last_ckpt = save_checkpoint(cfg.run_dir / "checkpoints", done, raw, optimizer, canonical_arch(cfg.model.mae_kwargs), meta, pc.keep_last)
+                    with autocast_for(device), eager():
                         log.snapshot(raw, done)
-                progress.update(task, completed=done)
-                if stopping or (at_ckpt and stop.now(done)):  # a signal during this step's checkpoint: it is written already
-                    if world > 1:
-                        dist.barrier()  # rank 0's checkpoint is written before any rank ends (torchrun stops the rest when one ends)
-                    raise Interrupted(f"interrupted ({stop.name}): checkpoint written at step {done} ({last_ckpt if is_main else 'by rank 0'}); "
-                                      "run the same command again to resume", signum=stop.signum)
+                steps.end(done, at_ckpt, last_ckpt)
     finally:
         loader.close()
     if not is_main:
         return None
-    seconds = time.perf_counter() - t_run
-    notes += method.after_run(log.last_loss, plan.global_batch)
-    return log.finish(dict(
-        run_dir=str(cfg.run_dir), method=method.name, steps=sched.total, steps_this_run=sched.total - start, epochs=round(sched.total / sched.steps_per_epoch, 3),
-        final_loss=round(log.last_loss, 6), seconds=round(seconds, 2), images_per_s=round((sched.total - start) * sched.batch / seconds, 2),
-        data_wait_fraction=round(loader.waited / seconds, 4), effective_batch=sched.batch, lr=sched.lr, device=str(device),
-        precision=precision(device), compiled=mode is not None, compile_mode=mode, world_size=world,
-        checkpoint=str(checkpoint_files(cfg.run_dir / "checkpoints", sched.total)[0]),
-        snapshot=str(log.snapshot_path(sched.total)) if log.snapshots else None, loss_curve=str(cfg.run_dir / "loss.png"), notes=notes,
-    ))  # fmt: skip
+    return log.finish(cfg, method, sched, start, loader.waited, notes + sample_notes + method.after_run(log.last_loss, plan.global_batch),
+                      device=device, mode=mode, world=world, seconds=time.perf_counter() - steps.t_run)
+
+
+def micro_steps(model: torch.nn.Module, method: Any, loader: Loader, accum_iter: int, world: int, graphs: bool, autocast: Any) -> torch.Tensor:
+    """One optimizer step's forward and backward passes, `accum_iter` micro-batches (gradients synchronised on the last
+    one under DDP); returns their mean loss, detached, on the device."""
+    for micro in range(accum_iter):
+        frames, *draws = loader.next()  # uint8 (B, F, H, W, 3), the method's random draws
+        inputs = method.inputs(frames, *draws)  # augmented on the device, in float32
+        if graphs:  # CUDA graphs: each forward starts a new replay
+            torch.compiler.cudagraph_mark_step_begin()
+        with (model.no_sync() if world > 1 and micro < accum_iter - 1 else nullcontext()), autocast:
+            loss = method.loss(model, *inputs)
+        (loss / accum_iter if accum_iter > 1 else loss).backward()
+        step_loss = loss.detach().float() if micro == 0 else step_loss + loss.detach().float()
+    return step_loss / accum_iter if accum_iter > 1 else step_loss
 
 
 # --- the pieces around the loop ------------------------------------------------------------------
@@ -277,10 +250,18 @@ class RunLog:
         save_reconstructions(model, self.snap_imgs, self.mask_ratio, self.snap_noise, self.snapshot_path(step), f"{self.title}, step {step}")
         self.board.picture("reconstructions", self.snapshot_path(step), step)
 
-    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, cfg: MaecliConfig, method: Any, sched: Schedule, start: int, waited: float, notes: list[str], *, device: torch.device,
+               mode: str | None, world: int, seconds: float) -> dict[str, Any]:
+        """The run's summary (`summary.json`, and what `pretrain` returns), after `loss.png`."""
+        summary = dict(
+            run_dir=str(cfg.run_dir), method=method.name, steps=sched.total, steps_this_run=sched.total - start, epochs=round(sched.total / sched.steps_per_epoch, 3),
+            final_loss=round(self.last_loss, 6), seconds=round(seconds, 2), images_per_s=round((sched.total - start) * sched.batch / seconds, 2),
+            data_wait_fraction=round(waited / seconds, 4), effective_batch=sched.batch, lr=sched.lr, device=str(device),
+            precision=precision(device), compiled=mode is not None, compile_mode=mode, world_size=world,
+            checkpoint=str(checkpoint_files(cfg.run_dir / "checkpoints", sched.total)[0]),
+            snapshot=str(self.snapshot_path(sched.total)) if self.snapshots else None, loss_curve=str(cfg.run_dir / "loss.png"), notes=notes,
+        )  # fmt: skip
         self.board.close()
         plot_loss(self.metrics_path, self.run_dir / "loss.png", self.title, self.loss_name)
         write_json(self.run_dir / "summary.json", summary)
         return summary
-
-

@@ -18,7 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from maecli.checkpoint import checkpoint_files
 from maecli.cli import app
 from maecli.data import to_input
-from maecli.finetune import layer_groups, mix
+from maecli.finetune import layer_groups
+from maecli.tasks.classification import mix
 from maecli.vit import classifier
 from tests.conftest import TINY, write_project
 from tests.test_probe import COLORS, make_set

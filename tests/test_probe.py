@@ -8,8 +8,7 @@ import torch
 from PIL import Image
 
 from maecli.cli import app
-from maecli.labeled import scores_report
-from maecli.probe import knn_scores
+from maecli.tasks.classification import knn_scores, scores_report
 
 COLORS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 
@@ -103,7 +102,7 @@ def test_unknown_baseline(runner, trained, tmp_path):
 
 def test_pixel_features_are_the_normalized_input():
     from maecli.data import IMAGENET_MEAN, IMAGENET_STD
-    from maecli.probe import pixel_features
+    from maecli.tasks.classification import pixel_features
 
     images = torch.randint(0, 256, (2, 4, 6, 3), dtype=torch.uint8)  # (N, h, w, 3)
     x = pixel_features(images)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from maecli.cli import app
 from maecli.data import to_input
-from maecli.segmentation import confusion_of, seg_scores
+from maecli.masks import confusion_of, seg_scores
 from tests.conftest import write_project
 
 PALETTE = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}

@@ -1,4 +1,5 @@
-"""The segmentation labeled set, and how dense predictions are scored.
+"""Segmentation sets on disk (images, masks, classes.csv), read into memory, and how dense predictions are scored:
+what the segmentation kind of labeled set (`maecli.tasks.segmentation`) reads and counts with.
 
 A set is a folder with `images/` and `masks/`, an image and its mask matched by file stem (`images/0001.jpg` with
 `masks/0001.png`). A mask is a single-channel PNG of class indices (8-bit, 16-bit or palette mode: the index is the
