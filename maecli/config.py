@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from maecli.errors import ConfigError
 from maecli.files import write_text
-from maecli.methods import METHODS, listed
+from maecli.methods import METHODS, described, listed
+from maecli.methods.sections import SECTIONS
+from maecli.schema import Section, area_range
 
 CONFIG_NAME = "maecli.toml"
 
@@ -67,24 +69,8 @@ def _positive(value: tuple[int, int]) -> tuple[int, int]:
     return value
 
 
-def _positive_range(value: tuple[float, float]) -> tuple[float, float]:
-    if not 0 < value[0] <= value[1]:
-        raise ValueError(f"must be [low, high] with 0 < low <= high (got {list(value)})")
-    return value
-
-
-def _area_range(value: tuple[float, float]) -> tuple[float, float]:
-    if not 0 < value[0] <= value[1] <= 1:
-        raise ValueError(f"must be [low, high] with 0 < low <= high <= 1 (got {list(value)})")
-    return value
-
-
 # An image size: one number for a square, or [height, width].
 Size = Annotated[tuple[int, int], BeforeValidator(_square), AfterValidator(_positive)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ProjectConfig(Section):
@@ -208,7 +194,7 @@ class PretrainConfig(Section):
     """Pretraining on the store's train split: the official MAE recipe (AdamW, warmup + cosine), checkpoints, logging."""
 
     run: str = Field("pretrain", min_length=1, description="Run folder name, under project.output_dir.")
-    method: MethodName = Field("mae", description="mae: masked autoencoding; simclr: contrastive, two augmented views ([simclr]); siammae: frame pairs ([siammae]); cropmae: two crops of a frame ([cropmae]).")
+    method: MethodName = Field("mae", description=described(SECTIONS) + ".")
     batch_size: int = Field(64, gt=0, description="Images per device per step (the effective batch is batch_size x devices x accum_iter).")
     epochs: int = Field(100, ge=0, description="Passes over the train split (replaced by steps when steps > 0).")
     steps: int = Field(0, ge=0, description="Total optimizer steps; when > 0 it replaces epochs.")
@@ -229,7 +215,7 @@ class PretrainConfig(Section):
     log_every: int = Field(20, gt=0, description="Append a metrics line every this many steps.")
     init_from: str = Field("", description="Start from these weights: a maecli checkpoint, an official MAE .pth or a Hugging Face ViTMAE folder.")
 
-    _scale_range = field_validator("crop_scale")(_area_range)
+    _scale_range = field_validator("crop_scale")(area_range)
 
     _resolve_init_from = field_validator("init_from")(_resolve_optional)
 
@@ -238,49 +224,6 @@ class PretrainConfig(Section):
         if self.epochs == 0 and self.steps == 0:
             raise ValueError("epochs: set epochs > 0 or steps > 0")
         return self
-
-
-class SimclrConfig(Section):
-    """Contrastive pretraining (`pretrain.method = "simclr"`): SimCLR's two views per frame, a projection head on the
-    class token, NT-Xent with the rest of the global batch as negatives. Optimizer and schedule are [pretrain]'s (the
-    learning rate too unless blr is set: contrastive ViTs often need a lower one)."""
-
-    blr: float = Field(0.0, ge=0, description="Base learning rate of SimCLR runs, lr = blr x effective batch / 256 (0: [pretrain]'s lr or blr).")
-    temperature: float = Field(0.2, gt=0, description="NT-Xent temperature.")
-    proj_hidden: int = Field(2048, gt=0, description="Hidden width of the 2-layer projection head.")
-    proj_dim: int = Field(128, gt=0, description="Output width of the projection head (the space the loss compares in).")
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Random resized crop of each view: range of its area as a fraction of the frame.")
-    hflip: bool = Field(True, description="Random horizontal flips of each view.")
-    jitter: float = Field(1.0, ge=0, description="Colour jitter strength s: brightness, contrast, saturation by up to 0.8 s, hue by up to 0.2 s.")
-    jitter_prob: float = Field(0.8, ge=0, le=1, description="Probability that a view is colour-jittered.")
-    grayscale_prob: float = Field(0.2, ge=0, le=1, description="Probability that a view is turned grey.")
-    blur_prob: float = Field(0.5, ge=0, le=1, description="Probability that a view is Gaussian-blurred (kernel: a tenth of the image side).")
-    blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Range of the blur's sigma, in pixels of the model input.")
-
-    _scale_range = field_validator("crop_scale")(_area_range)
-
-    _sigma_range = field_validator("blur_sigma")(_positive_range)
-
-
-class SiammaeConfig(Section):
-    """Frame-pair pretraining (`pretrain.method = "siammae"`, Siamese MAE, Gupta et al. 2023): an earlier frame seen whole,
-    a later frame of the same video mostly hidden, rebuilt by a decoder that attends to the earlier one. Crop, flip,
-    optimizer and schedule are [pretrain]'s; the decoder's size is [model]'s."""
-
-    gap: tuple[float, float] = Field((0.13, 1.6), description="Seconds from the earlier frame to the later, [min, max]: the later frame is drawn uniformly among the video's frames in range (the paper: 4-48 frames at 30 fps).")
-    mask_ratio: float = Field(0.95, gt=0, lt=1, description="Fraction of the later frame's patches hidden from the encoder.")
-
-    _gap_range = field_validator("gap")(_positive_range)
-
-
-class CropmaeConfig(Section):
-    """The crop-only control of siammae (`pretrain.method = "cropmae"`, CropMAE, Eymael et al. 2024): the same model on one
-    frame, a global crop ([pretrain] crop_scale) seen whole and a local crop inside it mostly hidden."""
-
-    local_scale: tuple[float, float] = Field((0.3, 0.6), description="The local crop's area as a fraction of the global crop's.")
-    mask_ratio: float = Field(0.985, gt=0, lt=1, description="Fraction of the local crop's patches hidden from the encoder.")
-
-    _scale_range = field_validator("local_scale")(_area_range)
 
 
 class VisualizeConfig(Section):
@@ -337,7 +280,7 @@ class ProbeConfig(Section):
     temperature: float = Field(0.07, gt=0, description="k-NN vote weights: exp(similarity / temperature).")
 
     _resolve_paths = field_validator("train", "val", "checkpoint")(_resolve_optional)
-    _scale_range = field_validator("crop_scale")(_area_range)
+    _scale_range = field_validator("crop_scale")(area_range)
 
 
 class FinetuneConfig(Section):
@@ -366,7 +309,7 @@ class FinetuneConfig(Section):
     checkpoint_every: int = Field(1, gt=0, description="Evaluate on val (a point of the learning curves) and write a checkpoint every this many epochs, and at the end.")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept per run (older ones are deleted).")
 
-    _scale_range = field_validator("crop_scale")(_area_range)
+    _scale_range = field_validator("crop_scale")(area_range)
     _resolve_checkpoint = field_validator("checkpoint")(_resolve_optional)
 
 
@@ -376,11 +319,11 @@ SECONDS = {"s": 1, "m": 60, "h": 3600}
 
 class CompareConfig(Section):
     """`maecli compare`: each method pretrained on the store under one compute budget, probed at 1/8, 1/4, 1/2 and all
-    of it on the labeled set of [probe] (and fine-tuned at the end). Each run's recipe is [pretrain]'s (and [simclr]'s);
-    compare sets its length. Give one budget: a time, FLOPs, or steps."""
+    of it on the labeled set of [probe] (and fine-tuned at the end). Each run's recipe is [pretrain]'s (and its method's
+    own section); compare sets its length. Give one budget: a time, FLOPs, or steps."""
 
     run: str = Field("compare", min_length=1, description="Folder for the comparison, under project.output_dir (one run per method inside).")
-    methods: list[MethodName] = Field(["mae", "simclr"], min_length=1, description="Methods to compare (mae, simclr, siammae, cropmae); the first is the reference of budget_steps.")
+    methods: list[MethodName] = Field(["mae", "simclr"], min_length=1, description=f"Methods to compare ({', '.join(METHODS)}); the first is the reference of budget_steps.")
     budget: str = Field("", description="Training time per method on this device, like 90s, 20m or 2h: steps from a measured step time.")
     budget_flops: float = Field(0.0, ge=0, description="Training FLOPs per method (analytic, forward + backward).")
     budget_steps: int = Field(0, ge=0, description="Steps of the reference method (the first); the others get the same FLOPs.")
@@ -414,23 +357,12 @@ class CompareConfig(Section):
         return float(number) * SECONDS[unit]
 
 
-class MaecliConfig(Section):
-    project: ProjectConfig = Field(default_factory=dict)
-    model: ModelConfig = Field(default_factory=dict)
-    extract: ExtractConfig = Field(default_factory=dict)
-    pretrain: PretrainConfig = Field(default_factory=dict)
-    simclr: SimclrConfig = Field(default_factory=dict)
-    siammae: SiammaeConfig = Field(default_factory=dict)
-    cropmae: CropmaeConfig = Field(default_factory=dict)
-    visualize: VisualizeConfig = Field(default_factory=dict)
-    export: ExportConfig = Field(default_factory=dict)
-    probe: ProbeConfig = Field(default_factory=dict)
-    finetune: FinetuneConfig = Field(default_factory=dict)
-    compare: CompareConfig = Field(default_factory=dict)
+class ProjectFile(Section):
+    """What holds across sections (the fields are `MaecliConfig`'s)."""
 
     @model_validator(mode="after")
-    def _visible_patches(self) -> "MaecliConfig":
-        """A method that runs (in pretrain or compare) with a mask ratio of its own ([siammae], [cropmae]) must leave its
+    def _visible_patches(self) -> "ProjectFile":
+        """A method that runs (in pretrain or compare) with a mask ratio of its own (its section's) must leave its
         masked image a visible patch."""
         problems = []
         for name in dict.fromkeys((self.pretrain.method, *self.compare.methods)):
@@ -444,6 +376,13 @@ class MaecliConfig(Section):
     @property
     def run_dir(self) -> Path:
         return self.project.output_dir / self.pretrain.run
+
+
+STAGES: dict[str, type[Section]] = dict(project=ProjectConfig, model=ModelConfig, extract=ExtractConfig, pretrain=PretrainConfig, **SECTIONS,
+                                        visualize=VisualizeConfig, export=ExportConfig, probe=ProbeConfig, finetune=FinetuneConfig, compare=CompareConfig)
+# The whole project file: one section per stage, each method's own after [pretrain] (`maecli.methods.sections`).
+MaecliConfig = create_model("MaecliConfig", __base__=ProjectFile, __module__=__name__,
+                            **{name: (section, Field(default_factory=dict)) for name, section in STAGES.items()})
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -78,8 +78,8 @@ class MaskedAutoencoder(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
 
-        # decoder (left out when another objective trains the encoder: `maecli.methods.simclr`; SiamMAE's blocks also
-        # attend to another frame: `maecli.methods.siammae`)
+        # decoder (left out when another objective trains the encoder, as a contrastive method's; a frame-pair method's
+        # blocks also attend to another frame: `decoder_block`)
         self.has_decoder = decoder
         if decoder:
             self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)

@@ -1,7 +1,7 @@
 """`maecli visualize`: what the model sees and fills in, as the MAE figure (a PNG) or a side-by-side clip (an MP4).
 
 Inputs follow `maecli.inputs` (store frames, one video sampled as extract samples it, or image files); masks come
-from `project.seed`, so the same seed shows the same holes. A frame-pair checkpoint (siammae, cropmae) is shown on
+from `project.seed`, so the same seed shows the same holes. A frame-pair method's checkpoint is shown on
 the store's pairs as its method forms them (earlier frame | later frame masked | reconstruction, or the global crop
 and the local crop).
 """

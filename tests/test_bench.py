@@ -42,7 +42,7 @@ def test_mask_tokens_baseline_trains_every_parameter_on_the_same_mask():
 
 @pytest.mark.parametrize("arch", [TINY, BASE], ids=["tiny", "base"])
 def test_contrastive_flops_match_torch_counter(arch):
-    from maecli.config import SimclrConfig
+    from maecli.methods.sections import SimclrConfig
     from maecli.methods.simclr import contrastive_flops
     from maecli.methods.simclr import SimCLR, draw_views, two_views
 

@@ -10,7 +10,7 @@ import torch
 
 from maecli.weights import read_metadata, read_weights
 from maecli.cli import app
-from maecli.config import SimclrConfig
+from maecli.methods.sections import SimclrConfig
 from maecli.data import augment, crop_boxes
 from maecli.model import MaskedAutoencoder
 from maecli.methods.simclr import SimCLR, colour_jitter, draw_views, gaussian_blur, luma, nt_xent, two_views

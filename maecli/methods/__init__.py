@@ -42,11 +42,24 @@ METHODS: dict[str, Any] = {  # name -> its class, or "module:class" until first 
     "cropmae": "maecli.methods.cropmae:CropMAE",
 }
 
+ABOUT = {  # name -> what it does, in a few words: what help texts say of it without importing it (and torch)
+    "mae": "masked autoencoding",
+    "simclr": "contrastive, two augmented views",
+    "siammae": "frame pairs",
+    "cropmae": "two crops of a frame",
+}
+
 
 def register(cls: Any) -> Any:
     """Add a method class (under `cls.name`); the project file accepts its name from then on."""
-    METHODS[cls.name] = cls
+    METHODS[cls.name], ABOUT[cls.name] = cls, cls.kind
     return cls
+
+
+def described(sections: Any = ()) -> str:
+    """'mae: masked autoencoding; simclr: contrastive, two augmented views ([simclr]); ...': the methods as help lists
+    them, each with its own section of the project file where it has one."""
+    return "; ".join(f"{name}: {ABOUT[name]}" + (f" ([{name}])" if name in sections else "") for name in METHODS)
 
 
 def listed(names: list[str]) -> str:

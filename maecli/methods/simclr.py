@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maecli.config import MaecliConfig, SimclrConfig
+from maecli.config import MaecliConfig
+from maecli.methods.sections import SimclrConfig
 from maecli.data import Samples, constant, crop_boxes, normalize, resized_crop
 from maecli.methods.mae import blocks_flops, PretrainRecipe
 from maecli.model import MaskedAutoencoder, to_2tuple
