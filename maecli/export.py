@@ -59,7 +59,7 @@ def export_features(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | N
     ec = cfg.export
     skipped: list[str] = []
     model, _, path, device = load_for_inference(cfg, checkpoint or ec.checkpoint, skipped)
-    source = Inputs(cfg, inputs, model.img_size, split=ec.split)
+    source = Inputs(cfg.extract, inputs, model.img_size, split=ec.split)
     folder = Path(out or ec.out or cfg.run_dir / "export")
     parts = folder / "features.parts"
     settings = dict(checkpoint=str(path), pool=ec.pool, dtype=ec.dtype, rows=len(source.rows), inputs=inputs, split=ec.split)

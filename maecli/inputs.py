@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maecli.config import MaecliConfig
+from maecli.config import ExtractConfig, MaecliConfig
 from maecli.data import store_input, to_input
 from maecli.errors import ConfigError, MaecliError
 from maecli.store import FrameStore
@@ -98,21 +98,22 @@ class Inputs:
     """The rows a command feeds the model, by the rules above: `kind` ("store", "video" or "images"), `rows`
     (provenance dicts), `read(start, stop, device)`, and `report()`: what was skipped or resized."""
 
-    def __init__(self, cfg: MaecliConfig, paths: list[str], size: tuple[int, int], *, split: str, limit: int = 0,
+    def __init__(self, ex: ExtractConfig, paths: list[str], size: tuple[int, int], *, split: str, limit: int = 0,
                  start: float | None = None, end: float | None = None) -> None:
+        """`ex`: the [extract] section, whose store and sampling (fps, every_n, start, end) these rows follow."""
         self.size, self.notes, self.originals = tuple(size), [], []
         videos = [p for p in paths if Path(p).suffix.lower() in VIDEO_EXTENSIONS]
         if not paths:
             self.kind = "store"
-            self.store = FrameStore(cfg.extract.store, split=None if split == "all" else split)
+            self.store = FrameStore(ex.store, split=None if split == "all" else split)
             if len(self.store) == 0:
-                raise ConfigError(f"{cfg.extract.store}: no {split} frames in the store (run 'maecli extract', or pass images or a video)")
+                raise ConfigError(f"{ex.store}: no {split} frames in the store (run 'maecli extract', or pass images or a video)")
             self.index = evenly(len(self.store), limit)
             self.rows = [self.store.provenance(i) for i in self.index.tolist()]
         elif videos:
             if len(paths) > 1:
                 raise ConfigError("give one video, or image files, not both or several videos")
-            self.kind, ex = "video", cfg.extract
+            self.kind = "video"
             start, end = ex.start if start is None else start, ex.end if end is None else end
             try:
                 sampled = read_frames(Path(paths[0]), self.size, fps=ex.fps, every_n=ex.every_n, start=start, end=end)
@@ -129,7 +130,7 @@ class Inputs:
                 self.rows += [{"source": str(p), "label": label or None} for p, label in found]
             self.rows = [self.rows[i] for i in evenly(len(self.rows), limit)] if self.rows else []
         if not self.rows:
-            raise ConfigError(f"nothing to read in {', '.join(paths) or cfg.extract.store}")
+            raise ConfigError(f"nothing to read in {', '.join(paths) or ex.store}")
 
     def read(self, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
         """Rows start..stop as model input (B, 3, h, w), and which rows those are (unreadable images are left out)."""

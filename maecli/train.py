@@ -224,7 +224,7 @@ class RunLog:
         self.flops, self.peak = method.flops_per_image(), device_peak(device, None)[0] if device.type == "cuda" else None  # MFU: on a GPU of known peak
         if not self.snapshots:
             return
-        snap = Inputs(cfg, [], model.img_size, split=shown_split(cfg)[0], limit=cfg.visualize.num_images)
+        snap = Inputs(cfg.extract, [], model.img_size, split=shown_split(cfg)[0], limit=cfg.visualize.num_images)
         self.snap_imgs, _ = snap.read(0, len(snap.rows), device)  # (N, 3, h, w)
         self.snap_noise = fixed_noise(cfg.project.seed, len(self.snap_imgs), model.num_patches, device)
         self.mask_ratio = cfg.model.mask_ratio

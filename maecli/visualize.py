@@ -36,7 +36,7 @@ def run_visualize(cfg: MaecliConfig, inputs: list[str], *, checkpoint: str | Non
     if method_class(model.method).reconstructs == "pairs":
         return show_pairs(cfg, model, path, device, split, inputs or video_out, mask_ratio, out, notes)
     ratio = mask_ratio if mask_ratio is not None else (vc.mask_ratio or cfg.model.mask_ratio)
-    source = Inputs(cfg, inputs, model.img_size, split=split, limit=0 if video_out else vc.num_images, start=start, end=end)
+    source = Inputs(cfg.extract, inputs, model.img_size, split=split, limit=0 if video_out else vc.num_images, start=start, end=end)
     imgs, kept = source.read(0, len(source.rows), device)  # (N, 3, h, w)
     notes += source.report()
     if len(imgs) == 0:
