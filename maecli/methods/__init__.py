@@ -29,8 +29,9 @@ This module imports no torch (the project file validates method names against it
 the first time it is asked for. `register` adds one at run time.
 """
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from maecli.registry import resolve
 
 if TYPE_CHECKING:
     from maecli.config import MaecliConfig
@@ -68,11 +69,7 @@ def listed(names: list[str]) -> str:
 
 
 def method_class(name: str) -> Any:
-    assert name in METHODS, f"method must be one of {list(METHODS)}, got {name!r}"
-    if isinstance(METHODS[name], str):
-        module, attr = METHODS[name].split(":")
-        METHODS[name] = getattr(importlib.import_module(module), attr)
-    return METHODS[name]
+    return resolve(METHODS, name, "method")
 
 
 def method_of(cfg: "MaecliConfig", name: str | None = None) -> Any:

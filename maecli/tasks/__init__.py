@@ -21,9 +21,10 @@ declares what the rest reads:
 `register` adds a kind at run time (ahead of the fallback).
 """
 
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from maecli.registry import resolve
 
 if TYPE_CHECKING:
     import torch
@@ -45,11 +46,7 @@ def register(cls: Any) -> Any:
 
 
 def task_class(name: str) -> Any:
-    assert name in TASKS, f"task must be one of {list(TASKS)}, got {name!r}"
-    if isinstance(TASKS[name], str):
-        module, attr = TASKS[name].split(":")
-        TASKS[name] = getattr(importlib.import_module(module), attr)
-    return TASKS[name]
+    return resolve(TASKS, name, "task")
 
 
 def kind_of(folder: Any) -> Any:
