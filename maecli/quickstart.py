@@ -8,6 +8,8 @@ pixels) -> finetune (against a random-init encoder), and the probe and fine-tuni
 stopped. The results tables are also written to `results.md`, the file the README quotes.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,27 @@ def write_project(folder: Path) -> Path:
     return path
 
 
+THREADS = 2  # the demo's torch threads on any machine: the order of its float reductions, and so its figures, then
+# depend on the instruction set alone (a 1-thread run and a 2-thread run part by up to 4 points; docs/benchmarks.md)
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, then back as they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def quickstart(folder: Path, *, overrides: list[str], clips: int = 16, per_class: int = 200, console: Console | None = None) -> dict[str, Any]:
+    with threads(THREADS):
+        return _quickstart(folder, overrides, clips, per_class, console)
+
+
+def _quickstart(folder: Path, overrides: list[str], clips: int, per_class: int, console: Console | None) -> dict[str, Any]:
     folder = Path(folder).absolute()
     folder.mkdir(parents=True, exist_ok=True)
     say = console.print if console is not None else (lambda *a, **k: None)
