@@ -278,10 +278,10 @@ class Steps:
         with Steps("pretrain", ...) as steps:
             for step in range(start, total):
                 ...                                  # the step body: forward, backward, optimizer step
-                stopping = steps.stopping(done)      # a signal came (agreed by the ranks every `stop_every` steps)
-                if steps.ran(done):                  # True on the first steps: show the loss, then `timed`
+                if steps.ran(done):                  # True on the first steps: `show` the loss, then `timed`
                     ...
-                ...                                  # log (`logged`), checkpoint when due or `stopping`
+                stopping = steps.stopping(done)      # a signal came (agreed by the ranks every `stop_every` steps)
+                ...                                  # log (`logged`), checkpoint when due or stopping
                 steps.end(done, checkpointed, path)  # raises Interrupted after a stop
     """
 

@@ -3,20 +3,21 @@
 layout (`recognises(folder)`, asked in the registry's order; the last kind takes whatever the others do not) and
 declares what the rest reads:
 
-- `name` (reports' `task`), `layout` (how errors describe it), `score` (the headline metric of a fine-tuned model: "top1", "miou"), `head` (what
-  fine-tuning exports: "classifier", "segmenter"), `per_token`: the head reads every token, not the class token;
+- `name` (reports' `task`), `layout` (how errors describe it), `score` (the headline metric of a fine-tuned model:
+  "top1", "miou"), `head` (what fine-tuning exports: "classifier", "segmenter"), `per_token`: the head reads every
+  token, not the class token;
 - `input_size(cfg, img_size)`: the size its images are fed at; `load(cfg, size, notes)`: the set in memory, a `Labeled`;
 - the frozen probe: `probe_one(encoder, arch, data, cfg, device)` (one encoder, None: the raw pixels), `probe(encoders,
   arch, data, cfg, device, out_dir)` (every encoder, its floors and pictures: the report's part), `floors(data, cfg,
   device)` (baselines without an encoder), `frozen_scores(probe)` (the numbers a comparison shows);
 - fine-tuning: `check_recipe(fc)`, `settings(data)` (what a resumed run must share), `model(encoder, arch, classes,
-  size, drop_path)`, `loss(model, raw, imgs, labels, theta, rng, fc, world, autocast)`, `validate(model, data, device,
+  size, drop_path)`, `loss(model, raw, data, imgs, labels, theta, rng, fc, world, autocast)`, `validate(model, data, device,
   autocast)` (the curve's numbers and what `final` scores), `final(val_result, data, run_dir)` (scores and
   pictures), `usage(arch, size, classes)` (how to run the exported model);
 - `table(probed, tuned)`: the quickstart's Markdown table of its results.
 
-    segmentation    images/ + masks/: a dense probe and a per-token head, mIoU   `maecli.tasks.segmentation`
-    classification  one sub-folder per class: linear probe, k-NN, a class-token head, top-1   `maecli.tasks.classification`
+    segmentation    images/ + masks/: a dense probe, a per-token head, mIoU             `maecli.tasks.segmentation`
+    classification  a sub-folder per class: linear probe, k-NN, a class-token head, top-1  `maecli.tasks.classification`
 
 `register` adds a kind at run time (ahead of the fallback).
 """
